@@ -1,0 +1,89 @@
+"""One small error hierarchy, so the CLI can map every failure to a sentence and an exit code.
+
+Each class also subclasses the matching builtin, so callers who catch ``ValueError`` or
+``TimeoutError`` keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SlurmVllmError(Exception):
+    """Root of every error this package raises on purpose."""
+
+    exit_code = 1
+
+
+class SpecError(SlurmVllmError, ValueError):
+    """A spec value is wrong; raised before anything is written or submitted.
+
+    Carries the field, the offending value and what to do instead, so the message can name all
+    three.
+    """
+
+    exit_code = 2
+
+    def __init__(self, field: str, value: Any, fix: str, problem: str | None = None) -> None:
+        self.field = field
+        self.value = value
+        self.fix = fix
+        self.problem = problem or "is not valid"
+        super().__init__(f"{field}={value!r} {self.problem}: {fix}")
+
+
+class SpecErrors(SlurmVllmError, ValueError):
+    """Several spec errors at once: users fix a file faster when they see every problem."""
+
+    exit_code = 2
+
+    def __init__(self, errors: list[SpecError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+class SlurmCommandError(SlurmVllmError, RuntimeError):
+    """A Slurm command failed or refused; keeps Slurm's own words."""
+
+    exit_code = 3
+
+    def __init__(self, argv: list[str], returncode: int | None, stderr: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        what = "timed out" if returncode is None else f"exited {returncode}"
+        super().__init__(f"{argv[0]} {what}: {self.stderr or '(no message)'}")
+
+
+class JobNotFoundError(SlurmVllmError, LookupError):
+    """No job directory or Slurm job matches what the user named."""
+
+    exit_code = 2
+
+
+class JobFailedError(SlurmVllmError, RuntimeError):
+    """The job failed or ended before it became ready."""
+
+    exit_code = 4
+
+    def __init__(self, job_id: str | None, phase: str, reason: str, log_tail: str = "") -> None:
+        self.job_id = job_id
+        self.phase = phase
+        self.reason = reason
+        self.log_tail = log_tail
+        msg = f"job {job_id or '?'} {phase}: {reason}"
+        if log_tail:
+            msg += "\n--- last lines of the log ---\n" + log_tail
+        super().__init__(msg)
+
+
+class WaitTimeoutError(SlurmVllmError, TimeoutError):
+    """Waiting for readiness ran past the caller's timeout; the job itself goes on."""
+
+    exit_code = 5
+
+
+class NodeError(SlurmVllmError, RuntimeError):
+    """A failure inside the job on a compute node; the message names the node and the cause."""
+
+    exit_code = 1
