@@ -37,16 +37,28 @@ def slurm_filename(path: str) -> str:
     return check_line(path, "path").replace("%", "%%")
 
 
+#: Characters sbatch's ``#SBATCH`` parser treats specially: whitespace splits arguments, both
+#: quote characters open a quoted run, ``\\`` escapes the next character, and an unescaped ``#``
+#: starts a comment.
+_SBATCH_SPECIAL = frozenset(" \t\v\f\"'\\#")
+
+
 def sbatch_value(value: str, what: str = "value") -> str:
     """Write one value for a ``#SBATCH --opt=VALUE`` line.
 
-    ``#SBATCH`` lines are parsed by sbatch, not bash: it splits on whitespace and honours double
-    quotes, with no escape for a quote inside them. So a value with whitespace is double-quoted,
-    and a value holding a double quote is refused.
+    ``#SBATCH`` lines are parsed by sbatch, not bash: it splits on whitespace, honours single
+    and double quotes, treats a backslash as "take the next character literally" (inside quotes
+    too) and an unescaped ``#`` as the start of a comment. So every one of those characters is
+    written with a backslash in front, which sbatch reads back byte for byte. The words
+    ``hetjob``/``packjob`` are refused: sbatch scans the whole line for them to split
+    heterogeneous jobs.
     """
-    check_line(value, what)
-    if '"' in value:
-        raise UnsafeValueError(f"{what} {value!r} holds a double quote, which #SBATCH cannot carry")
-    if any(c.isspace() for c in value) or value == "":
-        return f'"{value}"'
-    return value
+    text = check_line(str(value), what)
+    lowered = text.lower()
+    if "hetjob" in lowered or "packjob" in lowered:
+        raise UnsafeValueError(
+            f"{what} {text!r} holds 'hetjob'/'packjob', which sbatch reads as a job separator; rename it"
+        )
+    if text == "":
+        return '""'
+    return "".join("\\" + c if c in _SBATCH_SPECIAL else c for c in text)

@@ -1,15 +1,30 @@
 """ServeSpec: what the user asks for, validated once, with the same field names everywhere.
 
-SKELETON — the spec issue fills in loading (YAML/TOML/profile layering), flat keyword names,
-and the validation rules. The section and field names below are the contract that the
-renderer and the node program read; extend, do not rename.
+A spec is built from CLI flags, a YAML/TOML file, a site profile, environment variables or
+Python, and always ends up in the same sections (``model``, ``resources``, ``parallel``, ``ray``,
+``network``, ``environment``, ``serve``). Flat names (``nodes=2``, ``partition="gpu"``) are
+accepted everywhere and mapped into their section, so users never need to know the layout.
+
+Every rule that can be checked on the login node is checked here, before anything is written
+or submitted; each failure is a :class:`~slurm_vllm.errors.SpecError` naming the field, the
+value and the fix. The renderer and the node program read the section and field names below;
+extend them, do not rename them.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import difflib
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+
+from slurm_vllm.errors import SpecError, SpecErrors
 
 
 class _Section(BaseModel):
@@ -19,56 +34,275 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     """The model to serve and the vLLM arguments passed through verbatim."""
 
-    name: str = Field(description="Hub id or local path of the model (vllm serve MODEL).")
-    served_name: str | None = None
-    extra_args: list[str] = Field(default_factory=list)
+    name: str = Field(description="Hub id (org/name) or local path of the model (vllm serve MODEL).")
+    served_name: str | None = Field(None, description="Name clients use in requests (--served-model-name).")
+    extra_args: list[str] = Field(
+        default_factory=list, description="Extra `vllm serve` arguments, passed through verbatim."
+    )
 
 
 class ResourcesSection(_Section):
-    nodes: int = 1
-    gpus_per_node: int = 1
-    cpus_per_task: int | None = None
-    mem: str | None = None
-    time: str | None = None
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    exclusive: bool = False
-    job_name: str = "vllm"
-    sbatch_args: list[str] = Field(default_factory=list)
+    """What the job asks Slurm for; each field becomes one ``#SBATCH`` line."""
+
+    nodes: int = Field(1, description="Number of nodes (#SBATCH --nodes).")
+    gpus_per_node: int = Field(1, description="GPUs per node (#SBATCH --gpus-per-node); 0 for CPU-only nodes.")
+    cpus_per_task: int | None = Field(None, description="CPUs for the one task per node (--cpus-per-task).")
+    mem: str | None = Field(None, description="Memory per node, Slurm syntax such as 64G (--mem).")
+    time: str | None = Field(None, description="Time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.")
+    partition: str | None = Field(None, description="Slurm partition (--partition).")
+    account: str | None = Field(None, description="Slurm account (--account).")
+    qos: str | None = Field(None, description="Slurm QOS (--qos).")
+    constraint: str | None = Field(None, description="Node features (--constraint).")
+    exclusive: bool = Field(False, description="Whole nodes only (--exclusive).")
+    job_name: str = Field("vllm", description="Slurm job name; also names the default job directory.")
+    signal_grace: int = Field(
+        120, description="Seconds before the time limit at which SIGUSR2 asks the job to shut down."
+    )
+    sbatch_args: list[str] = Field(
+        default_factory=list, description="Extra `--option=value` sbatch options from an allow-list."
+    )
 
 
 class ParallelSection(_Section):
-    tensor_parallel_size: int | None = None  # None: GPUs per node
-    pipeline_parallel_size: int | None = None  # None: number of nodes
+    """How vLLM splits the model over the allocation's GPUs."""
+
+    tensor_parallel_size: int | None = Field(None, description="Tensor parallel size; default GPUs per node.")
+    pipeline_parallel_size: int | None = Field(None, description="Pipeline parallel size; default nodes.")
+    allow_partial: bool = Field(
+        False, description="Allow TP x PP to use fewer GPUs than nodes x gpus_per_node."
+    )
 
 
 class RaySection(_Section):
-    join_timeout: float = 300.0  # a worker gives up joining after this many seconds
-    cluster_timeout: float = 600.0  # the head gives up waiting for all nodes after this
+    """Deadlines for forming the Ray cluster inside the job."""
+
+    join_timeout: float = Field(300.0, description="A worker gives up joining the head after this many seconds.")
+    cluster_timeout: float = Field(600.0, description="The head gives up waiting for all nodes after this.")
 
 
 class NetworkSection(_Section):
-    interface: str | None = None
-    cidr: str | None = None
+    """Which network the nodes talk over (default: the route to the head)."""
+
+    interface: str | None = Field(None, description="Network interface name for Ray/NCCL/Gloo, e.g. ib0.")
+    cidr: str | None = Field(None, description="Pick each node's address from this network, e.g. 10.1.0.0/16.")
 
 
 class EnvironmentSection(_Section):
-    setup: list[str] = Field(default_factory=list)
-    venv: str | None = None
-    container: str | None = None
-    container_binds: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    python: str = "python3"
+    """How the batch script prepares the environment before launching the node program."""
+
+    setup: list[str] = Field(
+        default_factory=list, description="Trusted shell lines (e.g. module load), written verbatim."
+    )
+    venv: str | None = Field(None, description="Python virtual environment to activate.")
+    container: str | None = Field(None, description="Apptainer/Singularity image to run the node program in.")
+    container_runtime: Literal["apptainer", "singularity"] = Field(
+        "apptainer", description="Which container command to call."
+    )
+    container_binds: list[str] = Field(
+        default_factory=list, description="Extra --bind SRC[:DST[:OPTS]] for the container."
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables to export.")
+    python: str = Field("python3", description="Python that runs `-m slurm_vllm node` on each node.")
 
 
 class ServeSection(_Section):
-    port: int | None = None  # vLLM API port; None: planned per job
-    api_key: bool = True  # --no-api-key turns it off
+    """The HTTP endpoint vLLM serves."""
+
+    port: int | None = Field(None, description="vLLM API port; default: chosen per job on the head node.")
+    api_key: bool = Field(True, description="Require an API key (generated per job); --no-api-key turns it off.")
+
+
+#: Top-level keys that are whole sections.
+SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelSection,
+    "resources": ResourcesSection,
+    "parallel": ParallelSection,
+    "ray": RaySection,
+    "network": NetworkSection,
+    "environment": EnvironmentSection,
+    "serve": ServeSection,
+}
+
+#: Top-level keys that are plain values.
+TOP_FIELDS = ("backend", "job_dir")
+
+
+def _build_flat_names() -> dict[str, tuple[str, str]]:
+    names: dict[str, tuple[str, str]] = {}
+    for section, cls in SECTIONS.items():
+        for field in cls.model_fields:
+            if section == "model" and field == "name":
+                continue  # the flat name of the model is ``model`` itself
+            names[field] = (section, field)
+    return names
+
+
+#: Flat name -> (section, field). Every field name is unique across sections, so the flat name is
+#: the field name; ``model`` (the name) and the aliases below are the only special cases.
+FLAT_NAMES: dict[str, tuple[str, str]] = _build_flat_names()
+
+#: Other spellings users reach for; mapped onto the canonical flat name.
+ALIASES: dict[str, str] = {
+    "vllm_args": "extra_args",
+    "ray_join_timeout": "join_timeout",
+    "ray_cluster_timeout": "cluster_timeout",
+    "binds": "container_binds",
+    "modules": "setup",
+    "tp": "tensor_parallel_size",
+    "pp": "pipeline_parallel_size",
+}
+
+#: Environment variables read as one layer of the spec (see :func:`build_spec`).
+ENV_VARS: dict[str, str] = {
+    "SLURM_VLLM_PARTITION": "partition",
+    "SLURM_VLLM_ACCOUNT": "account",
+    "SLURM_VLLM_QOS": "qos",
+    "SLURM_VLLM_CONSTRAINT": "constraint",
+    "SLURM_VLLM_TIME": "time",
+    "SLURM_VLLM_VENV": "venv",
+    "SLURM_VLLM_CONTAINER": "container",
+    "SLURM_VLLM_INTERFACE": "interface",
+}
+#: Names the site profile file when ``--profile`` is not given.
+PROFILE_ENV_VAR = "SLURM_VLLM_PROFILE"
+
+
+def _all_names() -> list[str]:
+    names = set(FLAT_NAMES) | set(ALIASES) | set(SECTIONS) | set(TOP_FIELDS) | {"no_api_key"}
+    return sorted(names)
+
+
+def _suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return "valid names: " + ", ".join(candidates)
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalising input: flat names, aliases, nested dicts -> the sectioned layout
+# ---------------------------------------------------------------------------------------------
+
+
+def _looks_local(name: str) -> bool:
+    """A model name is a local path when it starts like one; anything else is a hub id."""
+    return name in (".", "..", "~") or name.startswith(("/", "./", "../", "~/"))
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def normalize(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn flat names, aliases and nested sections into the sectioned layout.
+
+    Raises :class:`SpecErrors` listing every unknown name (with the closest valid one) and every
+    field given twice. Paths are made absolute here, on the login node, because the job runs
+    in its job directory where a relative path would point somewhere else.
+    """
+    errors: list[SpecError] = []
+    out: dict[str, Any] = {}
+    seen: dict[tuple[str, str], str] = {}
+
+    def put(section: str, field: str, value: Any, given_as: str) -> None:
+        key = (section, field)
+        if key in seen:
+            errors.append(
+                SpecError(given_as, value, f"give {field!r} once (it was also given as {seen[key]!r})",
+                          problem="is given twice")
+            )
+            return
+        seen[key] = given_as
+        out.setdefault(section, {})[field] = value
+
+    for raw_key, value in data.items():
+        key = str(raw_key)
+        if key == "model":
+            if isinstance(value, Mapping):
+                for sub, v in value.items():
+                    _put_section_field("model", str(sub), v, put, errors)
+            elif value is not None:
+                put("model", "name", value, "model")
+            continue
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                errors.append(SpecError(key, value, f"write {key}: as a mapping of its fields",
+                                        problem="is not a section"))
+                continue
+            for sub, v in value.items():
+                _put_section_field(key, str(sub), v, put, errors)
+            continue
+        if key in TOP_FIELDS:
+            if key in out:
+                errors.append(SpecError(key, value, f"give {key!r} once", problem="is given twice"))
+            out[key] = value
+            continue
+        if key == "no_api_key":
+            put("serve", "api_key", not bool(value), "no_api_key")
+            continue
+        flat = ALIASES.get(key, key)
+        if flat in FLAT_NAMES:
+            section, field = FLAT_NAMES[flat]
+            put(section, field, value, key)
+            continue
+        errors.append(SpecError(key, value, _suggest(key, _all_names()), problem="is not a known field"))
+
+    if errors:
+        raise SpecErrors(errors)
+    _absolutize(out)
+    return out
+
+
+def _put_section_field(section: str, sub: str, value: Any, put: Any, errors: list[SpecError]) -> None:
+    fields = list(SECTIONS[section].model_fields)
+    name = ALIASES.get(sub, sub)
+    if name in fields:
+        put(section, name, value, f"{section}.{sub}")
+    else:
+        errors.append(
+            SpecError(f"{section}.{sub}", value, _suggest(sub, fields), problem=f"is not a field of {section}")
+        )
+
+
+def _absolutize(out: dict[str, Any]) -> None:
+    model = out.get("model", {})
+    name = model.get("name")
+    if isinstance(name, str) and name and "\n" not in name and "\x00" not in name:
+        # A relative path that exists here is what vLLM would load too; pin it down.
+        if _looks_local(name) or ("/" in name and not name.startswith("/") and os.path.isdir(name)
+                                  and os.path.exists(os.path.join(name, "config.json"))):
+            model["name"] = _absolute(name)
+    env = out.get("environment", {})
+    for key in ("venv",):
+        if isinstance(env.get(key), str) and env[key]:
+            env[key] = _absolute(env[key])
+    image = env.get("container")
+    if isinstance(image, str) and image and "://" not in image:
+        env["container"] = _absolute(image)
+    job_dir = out.get("job_dir")
+    if isinstance(job_dir, str) and job_dir:
+        out["job_dir"] = _absolute(job_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec
+# ---------------------------------------------------------------------------------------------
 
 
 class ServeSpec(_Section):
+    """Everything one serving job needs, validated.
+
+    Build it with flat names, the same as the CLI flags with underscores::
+
+        ServeSpec("org/M", nodes=2, gpus_per_node=8, partition="gpu", backend="ray")
+
+    or with the sections (``resources={"nodes": 2}``), or from a file with
+    :func:`load_spec_file` / :func:`build_spec`. Invalid input raises :class:`SpecErrors` (a
+    ``ValueError``) listing every problem, each naming the field, the value and the fix.
+    """
+
     model: ModelSection
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     parallel: ParallelSection = Field(default_factory=ParallelSection)
@@ -78,3 +312,641 @@ class ServeSpec(_Section):
     environment: EnvironmentSection = Field(default_factory=EnvironmentSection)
     serve: ServeSection = Field(default_factory=ServeSection)
     job_dir: str | None = None
+
+    def __init__(self, model: Any = None, /, **data: Any) -> None:
+        if model is not None:
+            if "model" in data:
+                raise SpecErrors([SpecError("model", model, "give the model once", problem="is given twice")])
+            data["model"] = model
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _convert(exc) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> ServeSpec:  # type: ignore[override]
+        """Validate a mapping (flat or sectioned); errors come out as :class:`SpecErrors`."""
+        try:
+            return super().model_validate(obj, *args, **kwargs)
+        except ValidationError as exc:
+            raise _convert(exc) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalize(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            return normalize(data)
+        return data
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> ServeSpec:
+        check_paths = True
+        if isinstance(info.context, Mapping):
+            check_paths = bool(info.context.get("check_paths", True))
+        errors = check_spec(self, check_paths=check_paths)
+        if errors:
+            raise SpecErrors(errors)
+        return self
+
+    # -- derived values the renderer and the node program share --------------------------------
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """TP as vLLM will get it: the spec's value, else GPUs per node (1 on CPU-only nodes)."""
+        tp = self.parallel.tensor_parallel_size
+        return tp if tp is not None else max(self.resources.gpus_per_node, 1)
+
+    @property
+    def pipeline_parallel_size(self) -> int:
+        """PP as vLLM will get it: the spec's value, else the number of nodes."""
+        pp = self.parallel.pipeline_parallel_size
+        return pp if pp is not None else self.resources.nodes
+
+    @property
+    def is_local_model(self) -> bool:
+        """True when the model is a path on the shared filesystem rather than a hub id."""
+        return self.model.name.startswith("/")
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The ``spec.json`` form: ``model_dump(mode="json")``."""
+        return self.model_dump(mode="json")
+
+
+def _convert(exc: ValidationError) -> SpecErrors:
+    """Turn pydantic's error report into our SpecErrors, keeping SpecErrors raised inside."""
+    out: list[SpecError] = []
+    for err in exc.errors():
+        inner = (err.get("ctx") or {}).get("error")
+        if isinstance(inner, SpecErrors):
+            out.extend(inner.errors)
+            continue
+        if isinstance(inner, SpecError):
+            out.append(inner)
+            continue
+        loc = [str(p) for p in err.get("loc", ())]
+        field = _flat_field_name(loc)
+        msg = err.get("msg", "is not valid")
+        if err.get("type") == "missing":
+            fix = "give the model to serve: a hub id like org/name or a local path" if field == "model" \
+                else f"set {field}"
+            out.append(SpecError(field, None, fix, problem="is missing"))
+            continue
+        if err.get("type") == "extra_forbidden":
+            out.append(SpecError(field, err.get("input"), _suggest(loc[-1], _all_names()),
+                                 problem="is not a known field"))
+            continue
+        out.append(SpecError(field, err.get("input"), _fix_for_type(field, msg), problem=msg.lower()))
+    return SpecErrors(out)
+
+
+def _kind(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "")
+    for marker, words in (("dict", "a mapping of NAME: value"), ("list", "a list of strings"),
+                          ("bool", "true or false"), ("float", "a number"), ("int", "a whole number"),
+                          ("Literal", "one of the listed choices"), ("str", "a string")):
+        if marker in text:
+            return words
+    return "a valid value"
+
+
+def _fix_for_type(field: str, msg: str) -> str:
+    if field == "backend":
+        return "use 'ray' (default) or 'mp'"
+    if field == "container_runtime":
+        return "use 'apptainer' (default) or 'singularity'"
+    name = field.split(".")[-1].split("[")[0]
+    if field == "model":
+        return "give a hub id like org/name or a local path"
+    if name in FLAT_NAMES:
+        section, fname = FLAT_NAMES[name]
+        info = SECTIONS[section].model_fields[fname]
+        return f"give {_kind(info.annotation)}" + (f" ({info.description})" if info.description else "")
+    return "fix the value"
+
+
+def _flat_field_name(loc: list[str]) -> str:
+    if not loc:
+        return "spec"
+    if loc[0] == "model" and (len(loc) == 1 or loc[1] == "name"):
+        return "model"
+    if loc[0] in SECTIONS and len(loc) > 1:
+        rest = loc[1:]
+        if rest[0] in FLAT_NAMES:
+            return ".".join(rest)
+        return ".".join(loc)
+    return ".".join(loc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation rules
+# ---------------------------------------------------------------------------------------------
+
+_TIME_RE = re.compile(
+    r"^(?:\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}|\d+-\d{1,2}:\d{1,2}|\d+-\d{1,2}:\d{1,2}:\d{1,2})$"
+)
+_TIME_WORDS = ("infinite", "unlimited")
+_MEM_RE = re.compile(r"^\d+[KMGTkmgt]?$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IFACE_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+_RESERVED_ENV = {"SLURM_VLLM_JOB_DIR"}
+
+#: vLLM flags the node program sets itself. Value: the spec field that decides it, or None when
+#: the tool alone decides it (then the flag is always refused in extra_args).
+OWNED_VLLM_FLAGS: dict[str, str | None] = {
+    "--tensor-parallel-size": "tensor_parallel_size",
+    "-tp": "tensor_parallel_size",
+    "--pipeline-parallel-size": "pipeline_parallel_size",
+    "-pp": "pipeline_parallel_size",
+    "--distributed-executor-backend": "backend",
+    "--port": "port",
+    "--served-model-name": "served_name",
+    "--host": None,
+    "--api-key": None,
+    "--nnodes": None,
+    "--node-rank": None,
+    "--master-addr": None,
+    "--master-port": None,
+    "--headless": None,
+    "--model": None,
+}
+
+_OWNED_FIX = {
+    "--host": "remove it: the head binds the address on which the other nodes reach it",
+    "--api-key": "remove it: a key is generated per job (set api_key / --no-api-key instead)",
+    "--nnodes": "remove it: set nodes (the node program passes --nnodes for the mp backend)",
+    "--node-rank": "remove it: each node's rank comes from Slurm",
+    "--master-addr": "remove it: the head's address comes from Slurm",
+    "--master-port": "remove it: the port is planned per job",
+    "--headless": "remove it: non-zero ranks run headless on their own with the mp backend",
+    "--model": "remove it: set model (the positional MODEL)",
+}
+
+#: sbatch options a user may add with sbatch_args; the rest are either set by the tool from spec
+#: fields or would break the job's contract (output files, working directory, environment).
+SBATCH_ALLOWED = frozenset({
+    "mail-type", "mail-user", "reservation", "gres", "gpus", "gpus-per-task", "gpu-bind", "gpu-freq",
+    "cpus-per-gpu", "mem-per-cpu", "mem-per-gpu", "nodelist", "exclude", "begin", "dependency",
+    "requeue", "no-requeue", "hold", "licenses", "clusters", "wckey", "priority", "nice", "switches",
+    "time-min", "deadline", "tmp", "sockets-per-node", "cores-per-socket", "threads-per-core",
+    "hint", "mem-bind", "cpu-freq", "network", "core-spec", "thread-spec", "kill-on-invalid-dep",
+    "spread-job", "contiguous", "mincpus", "bb", "bbf", "container", "uid", "gid", "prefer",
+    "cluster-constraint", "delay-boot", "distribution", "extra-node-info", "power", "profile",
+    "propagate", "reboot", "oversubscribe", "get-user-env", "no-kill",
+})
+
+#: sbatch options the tool sets from a spec field: refused in sbatch_args with the field to set.
+SBATCH_FROM_FIELD = {
+    "job-name": "job_name", "nodes": "nodes", "gpus-per-node": "gpus_per_node",
+    "cpus-per-task": "cpus_per_task", "mem": "mem", "time": "time", "partition": "partition",
+    "account": "account", "qos": "qos", "constraint": "constraint", "exclusive": "exclusive",
+    "signal": "signal_grace", "chdir": "job_dir", "output": "job_dir", "error": "job_dir",
+}
+
+
+def _effective(spec: ServeSpec) -> tuple[int, int]:
+    return spec.tensor_parallel_size, spec.pipeline_parallel_size
+
+
+def _walk_strings(obj: Any, path: str) -> Iterator[tuple[str, str]]:
+    if isinstance(obj, str):
+        yield path, obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _walk_strings(str(k), f"{path}.{k}" if path else str(k))
+            yield from _walk_strings(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _walk_strings(v, f"{path}[{i}]")
+
+
+def _flat_path(path: str) -> str:
+    head, _, rest = path.partition(".")
+    if head == "model" and rest.startswith("name"):
+        return "model" + rest[len("name"):]
+    if head in SECTIONS and rest:
+        return rest
+    return path
+
+
+def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
+    """Every rule of the spec; returns the problems (empty when the spec is fine).
+
+    ``check_paths`` also checks files on this machine (the local model, the venv, the image);
+    it is off when a compute node reloads ``spec.json``.
+    """
+    errors: list[SpecError] = []
+    add = errors.append
+    r, p, e, s = spec.resources, spec.parallel, spec.environment, spec.serve
+
+    # Newlines and NULs: no value needs one, and none survives a script line.
+    for path, text in _walk_strings(spec.model_dump(mode="python"), ""):
+        if any(c in text for c in "\n\r\x00"):
+            add(SpecError(_flat_path(path), text, "remove the newline/NUL: every value must fit on one line",
+                          problem="holds a newline or NUL"))
+    if errors:
+        return errors
+
+    if not spec.model.name.strip():
+        add(SpecError("model", spec.model.name, "give a hub id like org/name or a local path", problem="is empty"))
+
+    # Sizes.
+    if r.nodes < 1:
+        add(SpecError("nodes", r.nodes, "ask for at least 1 node", problem="is below 1"))
+    if r.gpus_per_node < 0:
+        add(SpecError("gpus_per_node", r.gpus_per_node, "use 0 (CPU-only nodes) or more", problem="is negative"))
+    if r.cpus_per_task is not None and r.cpus_per_task < 1:
+        add(SpecError("cpus_per_task", r.cpus_per_task, "use 1 or more, or leave it unset", problem="is below 1"))
+    for name, value in (("tensor_parallel_size", p.tensor_parallel_size),
+                        ("pipeline_parallel_size", p.pipeline_parallel_size)):
+        if value is not None and value < 1:
+            add(SpecError(name, value, "use 1 or more, or leave it unset for the default", problem="is below 1"))
+    if errors:
+        return errors
+
+    tp, pp = _effective(spec)
+    gpus = r.nodes * r.gpus_per_node
+    if r.gpus_per_node > 0:
+        if tp * pp > gpus:
+            add(SpecError(
+                "tensor_parallel_size", tp,
+                f"TP x PP = {tp} x {pp} = {tp * pp} needs more GPUs than nodes x gpus_per_node = "
+                f"{r.nodes} x {r.gpus_per_node} = {gpus}; lower TP/PP or ask for more nodes/GPUs",
+                problem="does not fit the allocation"))
+        elif tp * pp < gpus and not p.allow_partial:
+            add(SpecError(
+                "tensor_parallel_size", tp,
+                f"TP x PP = {tp} x {pp} = {tp * pp} leaves GPUs idle (nodes x gpus_per_node = {gpus}); "
+                f"set TP x PP = {gpus} (e.g. tensor_parallel_size={r.gpus_per_node}, "
+                f"pipeline_parallel_size={r.nodes}) or set allow_partial: true",
+                problem="does not use the allocation"))
+        if spec.backend == "mp" and tp > r.gpus_per_node:
+            add(SpecError(
+                "tensor_parallel_size", tp,
+                f"with backend 'mp' this tool keeps each tensor-parallel group inside one node: set "
+                f"tensor_parallel_size <= gpus_per_node ({r.gpus_per_node}) and use "
+                f"pipeline_parallel_size across nodes, or use backend 'ray', which places TP workers "
+                f"across nodes", problem="is larger than gpus_per_node"))
+    if spec.backend == "mp" and (tp * pp) % r.nodes != 0:
+        add(SpecError(
+            "pipeline_parallel_size", pp,
+            f"vLLM's mp backend starts TP x PP / nodes workers on every node, so TP x PP = {tp * pp} "
+            f"must be a multiple of nodes = {r.nodes}", problem="does not divide over the nodes"))
+
+    # Time, memory, signal.
+    if r.time is not None and not (_TIME_RE.match(r.time) or r.time.lower() in _TIME_WORDS):
+        add(SpecError("time", r.time,
+                      "use a Slurm time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 04:00:00)",
+                      problem="is not a Slurm time limit"))
+    if r.mem is not None and not _MEM_RE.match(r.mem):
+        add(SpecError("mem", r.mem, "use a number with an optional K/M/G/T suffix, e.g. 64G",
+                      problem="is not a Slurm memory size"))
+    if not 1 <= r.signal_grace <= 65535:
+        add(SpecError("signal_grace", r.signal_grace, "use 1..65535 seconds (e.g. 120)", problem="is out of range"))
+    if not r.job_name.strip():
+        add(SpecError("job_name", r.job_name, "give a non-empty job name", problem="is empty"))
+    for name in ("job_name", "partition", "account", "qos", "constraint"):
+        value = getattr(r, name)
+        if value is not None and any(w in value.lower() for w in ("hetjob", "packjob")):
+            add(SpecError(name, value, "choose a value without 'hetjob'/'packjob' (sbatch reads them as "
+                                       "a job separator)", problem="cannot be written on an #SBATCH line"))
+    errors.extend(check_sbatch_args(r.sbatch_args))
+
+    # Ray deadlines.
+    for name, value in (("join_timeout", spec.ray.join_timeout), ("cluster_timeout", spec.ray.cluster_timeout)):
+        if not value > 0:
+            add(SpecError(name, value, "use a positive number of seconds", problem="is not positive"))
+
+    # Network.
+    n = spec.network
+    if n.interface is not None and n.cidr is not None:
+        add(SpecError("cidr", n.cidr, "set either interface or cidr, not both", problem="conflicts with interface"))
+    if n.interface is not None and not _IFACE_RE.match(n.interface):
+        add(SpecError("interface", n.interface, "give an interface name such as ib0 or eth0 (1-15 characters)",
+                      problem="is not an interface name"))
+    if n.cidr is not None:
+        try:
+            ipaddress.ip_network(n.cidr, strict=False)
+        except ValueError:
+            add(SpecError("cidr", n.cidr, "give a network such as 10.1.0.0/16", problem="is not a network"))
+
+    # Port.
+    if s.port is not None and not 1024 <= s.port <= 65535:
+        add(SpecError("port", s.port,
+                      "use a port in 1024..65535 (ports below 1024 need root on the compute node), "
+                      "or leave it unset to have one chosen per job", problem="is out of range"))
+
+    # Environment.
+    for key in e.env:
+        if not _ENV_NAME_RE.match(key):
+            add(SpecError(f"env.{key}", key, "use letters, digits and _ only, not starting with a digit",
+                          problem="is not a valid environment variable name"))
+        elif key in _RESERVED_ENV:
+            add(SpecError(f"env.{key}", key, "remove it: the batch script sets it to the job directory",
+                          problem="is reserved"))
+    for i, line in enumerate(e.setup):
+        if not line.strip():
+            add(SpecError(f"setup[{i}]", line, "remove the empty setup line", problem="is empty"))
+    if not e.python.strip():
+        add(SpecError("python", e.python, "give a python command such as python3", problem="is empty"))
+    for i, bind in enumerate(e.container_binds):
+        src = bind.split(":", 1)[0]
+        if not src.startswith("/"):
+            add(SpecError(f"container_binds[{i}]", bind, "give an absolute source path: /data or /data:/mnt",
+                          problem="is not an absolute path"))
+
+    # Job directory: Slurm file patterns give up on a backslash.
+    if spec.job_dir is not None:
+        if "\\" in spec.job_dir:
+            add(SpecError("job_dir", spec.job_dir,
+                          "choose a path without a backslash (Slurm's --output patterns stop "
+                          "substituting %j/%t when the path holds one)", problem="holds a backslash"))
+        if spec.job_dir.strip() == "":
+            add(SpecError("job_dir", spec.job_dir, "give a path or leave it unset", problem="is empty"))
+
+    # Extra vLLM args that fight the tool.
+    errors.extend(check_extra_args(spec))
+
+    if check_paths:
+        errors.extend(check_paths_exist(spec))
+    return errors
+
+
+def check_sbatch_args(args: list[str]) -> list[SpecError]:
+    """Each extra sbatch option must be ``--name[=value]`` with ``name`` on the allow-list."""
+    errors: list[SpecError] = []
+    for i, arg in enumerate(args):
+        field = f"sbatch_args[{i}]"
+        if not arg.startswith("--"):
+            errors.append(SpecError(field, arg, "write each option in long form, --option=value",
+                                    problem="is not a long option"))
+            continue
+        name = arg[2:].split("=", 1)[0]
+        if name in SBATCH_FROM_FIELD:
+            errors.append(SpecError(field, arg, f"set {SBATCH_FROM_FIELD[name]} instead",
+                                    problem="is set by the tool"))
+        elif name not in SBATCH_ALLOWED:
+            close = difflib.get_close_matches(name, sorted(SBATCH_ALLOWED), n=1, cutoff=0.7)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            errors.append(SpecError(
+                field, arg,
+                f"use one of the allowed sbatch options{hint}; --ntasks, --export, --output and the like "
+                f"would break the job's layout", problem="is not an allowed sbatch option"))
+        elif any(w in arg.lower() for w in ("hetjob", "packjob")):
+            errors.append(SpecError(field, arg, "remove 'hetjob'/'packjob' from the value",
+                                    problem="cannot be written on an #SBATCH line"))
+    return errors
+
+
+def _vllm_flag(arg: str) -> tuple[str, str | None]:
+    """Split ``--flag=value`` and normalise ``--flag_name`` to ``--flag-name`` as vLLM does."""
+    name, eq, value = arg.partition("=")
+    if name.startswith("--"):
+        name = "--" + name[2:].replace("_", "-")
+    return name, (value if eq else None)
+
+
+def check_extra_args(spec: ServeSpec) -> list[SpecError]:
+    """Refuse extra vLLM args that would contradict what the node program passes itself."""
+    errors: list[SpecError] = []
+    args = spec.model.extra_args
+    tp, pp = _effective(spec)
+    decided: dict[str, Any] = {
+        "tensor_parallel_size": tp, "pipeline_parallel_size": pp, "backend": spec.backend,
+        "port": spec.serve.port, "served_name": spec.model.served_name,
+    }
+    i = 0
+    while i < len(args):
+        name, value = _vllm_flag(args[i])
+        field = f"extra_args[{i}]"
+        if name in OWNED_VLLM_FLAGS:
+            owner = OWNED_VLLM_FLAGS[name]
+            if value is None and name != "--headless" and i + 1 < len(args):
+                value = args[i + 1]
+                i += 1
+            if owner is None:
+                errors.append(SpecError(field, args[i] if value is None else f"{name} {value}",
+                                        _OWNED_FIX[name], problem="is set by the tool"))
+            else:
+                want = decided[owner]
+                if want is None or value is None or str(want) != value:
+                    shown = want if want is not None else "unset"
+                    errors.append(SpecError(
+                        field, f"{name} {value}" if value is not None else name,
+                        f"set {owner} instead (the spec's value is {shown}); the node program passes "
+                        f"{name} itself", problem="conflicts with the spec"))
+        i += 1
+    return errors
+
+
+def check_paths_exist(spec: ServeSpec) -> list[SpecError]:
+    """Files the job will need that this machine can check: the local model, venv, image."""
+    errors: list[SpecError] = []
+    name = spec.model.name
+    if spec.is_local_model:
+        path = Path(name)
+        if not path.exists():
+            errors.append(SpecError("model", name, "give an existing model directory on the shared "
+                                                   "filesystem, or a hub id like org/name",
+                                    problem="does not exist"))
+        elif not (path / "config.json").is_file():
+            errors.append(SpecError("model", name, "point at the directory that holds the model's "
+                                                   "config.json", problem="has no config.json"))
+    venv = spec.environment.venv
+    if venv is not None and not Path(venv, "bin", "activate").is_file():
+        errors.append(SpecError("venv", venv, "give a virtual environment directory that has bin/activate",
+                                problem="is not a virtual environment"))
+    image = spec.environment.container
+    if image is not None and "://" not in image and not Path(image).exists():
+        errors.append(SpecError("container", image, "give an existing .sif image or a URI such as "
+                                                    "docker://org/image:tag", problem="does not exist"))
+    return errors
+
+
+def validate_spec(spec: ServeSpec, check_paths: bool = True) -> ServeSpec:
+    """Re-run every rule (after a section was edited in place); raise :class:`SpecErrors`."""
+    errors = check_spec(spec, check_paths=check_paths)
+    if errors:
+        raise SpecErrors(errors)
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and layers
+# ---------------------------------------------------------------------------------------------
+
+
+def read_spec_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) spec or profile into a mapping.
+
+    Unreadable or malformed files raise a :class:`SpecError` naming the file.
+    """
+    p = Path(path).expanduser()
+    suffix = p.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise SpecError(str(path), str(path), "use a .yaml, .yml, .toml or .json file",
+                        problem="has an unknown file type")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(str(path), str(path), f"check the path and permissions ({exc.strerror or exc})",
+                        problem="cannot be read") from None
+    except UnicodeDecodeError:
+        raise SpecError(str(path), str(path), "save the file as UTF-8", problem="is not UTF-8 text") from None
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data: Any = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # each parser has its own error type
+        detail = " ".join(str(exc).split())
+        raise SpecError(str(path), str(path), f"fix the syntax: {detail}", problem="is malformed") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SpecError(str(path), str(path), "write the file as a mapping of field: value",
+                        problem="is not a mapping")
+    return data
+
+
+def load_spec_file(path: str | os.PathLike[str], **overrides: Any) -> ServeSpec:
+    """Load one YAML/TOML spec file, with flat-name overrides on top."""
+    data = read_spec_file(path)
+    layered = _merge_layers([("config", data), ("python", overrides)])
+    return ServeSpec.model_validate(_unflatten(layered))
+
+
+def load_spec_json(path: str | os.PathLike[str]) -> ServeSpec:
+    """Load ``spec.json`` from a job directory (no filesystem checks: it may run on a node)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SpecError(str(path), str(path), f"check the job directory ({exc.strerror or exc})",
+                        problem="cannot be read") from None
+    except json.JSONDecodeError as exc:
+        raise SpecError(str(path), str(path), f"the file is damaged: {exc}", problem="is malformed") from None
+    return ServeSpec.model_validate(data, context={"check_paths": False})
+
+
+def _leaves(section_data: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """Yield ``(dotted path, value)`` for a normalised mapping; env keys are leaves of their own."""
+    for key, value in section_data.items():
+        if key in SECTIONS and isinstance(value, Mapping):
+            for field, v in value.items():
+                if field == "env" and isinstance(v, Mapping):
+                    for k, vv in v.items():
+                        yield f"{key}.env.{k}", vv
+                else:
+                    yield f"{key}.{field}", v
+        else:
+            yield key, value
+
+
+def _merge_layers(layers: list[tuple[str, Mapping[str, Any]]]) -> dict[str, tuple[Any, str]]:
+    """Merge layers (lowest first) into ``{dotted path: (value, source)}``.
+
+    Later layers win field by field; ``env`` merges key by key; lists are replaced whole.
+    """
+    merged: dict[str, tuple[Any, str]] = {}
+    for source, data in layers:
+        for path, value in _leaves(normalize(data)):
+            if path == "environment.env":
+                # An explicitly empty env mapping in a later layer clears earlier keys.
+                for old in [k for k in merged if k.startswith("environment.env.")]:
+                    del merged[old]
+                continue
+            merged[path] = (value, source)
+    return merged
+
+
+def _unflatten(merged: Mapping[str, tuple[Any, str]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, (value, _source) in merged.items():
+        parts = path.split(".", 2)
+        if len(parts) == 1:
+            out[parts[0]] = value
+        elif len(parts) == 2:
+            out.setdefault(parts[0], {})[parts[1]] = value
+        else:
+            out.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = value
+    return out
+
+
+def env_layer(environ: Mapping[str, str]) -> list[tuple[str, dict[str, Any]]]:
+    """The ``SLURM_VLLM_*`` variables that are set, as one single-field layer each."""
+    out = []
+    for var, field in ENV_VARS.items():
+        value = environ.get(var)
+        if value:
+            out.append((f"environment variable {var}", {field: value}))
+    return out
+
+
+#: One row of ``render --explain``: the flat field name, its value, where the value came from.
+Explained = tuple[str, Any, str]
+
+
+def build_spec(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    config: str | os.PathLike[str] | None = None,
+    profile: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    flag_sources: Mapping[str, str] | None = None,
+    check_paths: bool = True,
+) -> tuple[ServeSpec, list[Explained]]:
+    """Build the spec from its layers and say where each value came from.
+
+    Precedence, lowest first: defaults < site profile < spec file (``--config``) < environment
+    variables (``SLURM_VLLM_*``) < flags. ``profile`` defaults to ``$SLURM_VLLM_PROFILE``.
+    ``flags`` uses flat names; ``flag_sources`` names the flag each came from (for the
+    explanation). Returns the validated spec and ``[(field, value, source), ...]`` for every
+    field, defaults included.
+    """
+    environ = os.environ if environ is None else environ
+    flags = dict(flags or {})
+    flag_sources = dict(flag_sources or {})
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if profile is None and environ.get(PROFILE_ENV_VAR):
+        profile = environ[PROFILE_ENV_VAR]
+    if profile is not None:
+        layers.append((f"profile {profile}", read_spec_file(profile)))
+    if config is not None:
+        layers.append((f"config {config}", read_spec_file(config)))
+    layers.extend(env_layer(environ))
+    for name, value in flags.items():
+        layers.append((flag_sources.get(name, f"flag --{name.replace('_', '-')}"), {name: value}))
+    merged = _merge_layers(layers)
+    spec = ServeSpec.model_validate(_unflatten(merged), context={"check_paths": check_paths})
+    return spec, explain(spec, merged)
+
+
+def explain(spec: ServeSpec, merged: Mapping[str, tuple[Any, str]] | None = None) -> list[Explained]:
+    """Every field of ``spec`` with its value and source (``default`` when no layer set it)."""
+    merged = merged or {}
+    rows: list[Explained] = []
+    dumped = spec.model_dump(mode="json")
+    for key, value in dumped.items():
+        if key in SECTIONS:
+            for field, v in value.items():
+                name = "model" if (key, field) == ("model", "name") else field
+                if field == "env":
+                    for k, vv in v.items():
+                        rows.append((f"env.{k}", vv, merged.get(f"{key}.env.{k}", (None, "default"))[1]))
+                    continue
+                rows.append((name, v, merged.get(f"{key}.{field}", (None, "default"))[1]))
+        else:
+            rows.append((key, value, merged.get(key, (None, "default"))[1]))
+    return rows
+
+
+def field_names() -> list[str]:
+    """Every flat field name a spec accepts (for docs, completion and suggestions)."""
+    return sorted(["model", "backend", "job_dir", "no_api_key", *FLAT_NAMES])
