@@ -1,0 +1,102 @@
+"""The Python API for notebooks and scripts: ``submit``, ``render``, ``attach``.
+
+``submit`` prepares the job directory and submits, returning a :class:`~slurm_vllm.job.Job` at
+once (or after the server is ready with ``wait=True``). ``render`` has no side effects: it returns
+the script a submission *would* use, for reading. To get a script you can edit and ``sbatch`` by
+hand, use the CLI's ``render`` command (or :func:`prepare`), which also creates the job directory
+the script refers to (its spec, secrets and log folder).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from slurm_vllm import slurm
+from slurm_vllm.errors import SpecError
+from slurm_vllm.job import Job, ProgressFn
+from slurm_vllm.jobdir import JobDir, atomic_write, default_jobs_root
+from slurm_vllm.spec import ServeSpec
+
+BACKENDS = ("sbatch", "submitit")
+
+
+def _as_spec(spec: ServeSpec | str, options: dict[str, Any]) -> ServeSpec:
+    if isinstance(spec, ServeSpec):
+        if options:
+            raise TypeError("give options either in the ServeSpec or as keywords, not both")
+        return spec
+    return ServeSpec(spec, **options)  # type: ignore[call-arg]  # flat names, mapped by the spec
+
+
+def planned_jobdir(spec: ServeSpec) -> JobDir:
+    """The directory a submission of ``spec`` would use (nothing is created)."""
+    if spec.job_dir:
+        return JobDir(Path(spec.job_dir).expanduser())
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return JobDir(default_jobs_root() / f"{spec.resources.job_name}-{stamp}")
+
+
+def render(spec: ServeSpec | str, template: str | os.PathLike[str] | None = None, **options: Any) -> str:
+    """The sbatch script for ``spec``, without writing anything (a preview)."""
+    from slurm_vllm.render import render_script  # noqa: PLC0415 - Jinja2 only when rendering
+
+    spec = _as_spec(spec, options)
+    return render_script(spec, planned_jobdir(spec), template=template)
+
+
+def prepare(spec: ServeSpec | str, template: str | os.PathLike[str] | None = None, **options: Any) -> JobDir:
+    """Create the job directory (spec, secrets, ``job.sbatch``) without submitting it."""
+    from slurm_vllm.render import prepare_job  # noqa: PLC0415
+
+    return prepare_job(_as_spec(spec, options), template=template)
+
+
+def submit(
+    spec: ServeSpec | str,
+    backend: str = "sbatch",
+    wait: bool = False,
+    timeout: float | None = None,
+    template: str | os.PathLike[str] | None = None,
+    on_progress: ProgressFn | None = None,
+    **options: Any,
+) -> Job:
+    """Submit ``spec`` and return its job handle.
+
+    ``backend="sbatch"`` (default) submits the rendered script; ``"submitit"`` submits the same
+    node program through submitit. Both use the same job directory and return the same handle.
+    With ``wait=True`` this returns once the server answers (see :meth:`Job.wait_ready`).
+    ``spec`` may also be a model name with the options as keywords:
+    ``submit("org/model", nodes=2, gpus_per_node=8, partition="gpu")``.
+    """
+    if backend not in BACKENDS:
+        raise SpecError("backend", backend, f"choose one of {', '.join(BACKENDS)}", "is not a submission backend")
+    spec = _as_spec(spec, options)
+    jobdir = prepare(spec, template=template)
+    if backend == "submitit":
+        from slurm_vllm import submitit_backend  # noqa: PLC0415 - imports submitit
+
+        job_id = submitit_backend.submit(spec, jobdir)
+    else:
+        job_id = slurm.sbatch(jobdir.script, jobdir.path)
+    atomic_write(jobdir.job_id_file, job_id + "\n", mode=0o600)
+    job = Job(job_id, jobdir)
+    if wait:
+        job.wait_ready(timeout=timeout, on_progress=on_progress)
+    return job
+
+
+def attach(job: str | int | os.PathLike[str]) -> Job:
+    """A handle for an existing job, named by its Slurm id or its job directory.
+
+    Works for jobs submitted by hand from a rendered script: their id leads to their directory
+    through the working directory Slurm records for them.
+    """
+    return Job.attach(str(job) if isinstance(job, int) else job)
+
+
+def jobs() -> list[Job]:
+    """Handles for this user's queued and running jobs of this tool (one Slurm call)."""
+    return [Job(j.job_id, JobDir(Path(j.workdir))) for j in slurm.list_jobs() if j.workdir]
