@@ -1,0 +1,224 @@
+"""Spec + job directory -> sbatch script, through Jinja2 templates; the only writer of shell.
+
+The environment is strict on purpose: ``StrictUndefined`` makes a misspelt name fail the render,
+and a ``finalize`` hook refuses any interpolated string that did not come out of one of the
+quoting filters (``q``, ``qjoin``, ``sbatch``, ``comment``,
+``trusted_shell``). A template that forgets a
+filter therefore fails loudly instead of writing an unquoted value into a script. Whole numbers
+pass through as they are (they cannot carry shell syntax).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.resources
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from slurm_vllm import shell
+from slurm_vllm.errors import SpecError
+from slurm_vllm.jobdir import JOB_COMMENT, JobDir, default_jobs_root, write_json
+from slurm_vllm.spec import ServeSpec, validate_spec
+
+DEFAULT_TEMPLATE = "serve.sbatch.j2"
+
+
+class Quoted(str):
+    """A string made safe for its place in the script by one of the quoting filters."""
+
+
+class UnquotedValueError(jinja2.TemplateError):
+    """A template interpolated a value without a quoting filter."""
+
+
+def _q(value: Any) -> Quoted:
+    """One shell word (bash reads it back byte for byte)."""
+    return Quoted(shell.quote(value))
+
+
+def _sbatch(value: Any) -> Quoted:
+    """One argument on an ``#SBATCH`` line (sbatch's own parser reads it back byte for byte)."""
+    return Quoted(shell.sbatch_value(str(value)))
+
+
+def _slurm_file(value: Any) -> str:
+    """Escape ``%`` for Slurm filename patterns; still needs ``q`` or ``sbatch`` after it."""
+    return shell.slurm_filename(str(value))
+
+
+def _comment(value: Any) -> Quoted:
+    """Text inside a ``#`` comment: inert as long as it stays on one line."""
+    return Quoted(shell.check_line(str(value), "comment text"))
+
+
+def _trusted_shell(value: Any) -> Quoted:
+    """A setup line the user wrote as shell: verbatim, one line, never re-quoted or eval'd."""
+    return Quoted(shell.check_line(str(value), "setup line"))
+
+
+def _qjoin(values: Any) -> Quoted:
+    """A list of shell words, each quoted, joined by spaces."""
+    return Quoted(shell.join([str(v) for v in values]))
+
+
+def _finalize(value: Any) -> Any:
+    if isinstance(value, Quoted):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise UnquotedValueError(
+        f"template interpolated {value!r} without a quoting filter; use | q (shell word), | qjoin, "
+        f"| sbatch (#SBATCH value), | comment or | trusted_shell"
+    )
+
+
+def _package_template(name: str) -> str:
+    resource = importlib.resources.files("slurm_vllm") / "sbatch_templates" / name
+    return resource.read_text(encoding="utf-8")
+
+
+def make_environment() -> jinja2.Environment:
+    """The one Jinja2 environment: packaged templates, StrictUndefined, quoting enforced."""
+    env = jinja2.Environment(
+        loader=jinja2.FunctionLoader(lambda name: _package_template(name)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        finalize=_finalize,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["q"] = _q
+    env.filters["qjoin"] = _qjoin
+    env.filters["sbatch"] = _sbatch
+    env.filters["slurm_file"] = _slurm_file
+    env.filters["comment"] = _comment
+    env.filters["trusted_shell"] = _trusted_shell
+    return env
+
+
+def _context(spec: ServeSpec, jobdir: JobDir) -> dict[str, Any]:
+    from slurm_vllm import __version__
+
+    r, e = spec.resources, spec.environment
+    job_dir = str(jobdir.path)
+    pattern_dir = shell.slurm_filename(job_dir)
+    wrapper: list[str] = []
+    if e.container:
+        wrapper = [e.container_runtime, "exec", "--nv", "--bind", job_dir]
+        for bind in e.container_binds:
+            wrapper += ["--bind", bind]
+        wrapper.append(e.container)
+    node_argv = [e.python, "-m", "slurm_vllm", "node", "--job-dir", job_dir]
+    srun_opts = ["--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    if r.cpus_per_task is not None:
+        srun_opts.append(f"--cpus-per-task={r.cpus_per_task}")
+    srun_opts.append(f"--output={pattern_dir}/logs/node-%t.log")
+    return {
+        "spec": spec,
+        "version": __version__,
+        "job_dir": job_dir,
+        "job_comment": JOB_COMMENT,
+        "batch_output": f"{pattern_dir}/logs/batch-%j.out",
+        "tensor_parallel_size": spec.tensor_parallel_size,
+        "pipeline_parallel_size": spec.pipeline_parallel_size,
+        "srun_opts": srun_opts,
+        "container_argv": wrapper,
+        "node_argv": node_argv,
+        "activate": os.path.join(e.venv, "bin", "activate") if e.venv else None,
+    }
+
+
+def render_script(spec: ServeSpec, jobdir: JobDir, template: str | os.PathLike[str] | None = None) -> str:
+    """Render the batch script for ``spec`` running in ``jobdir``; writes nothing.
+
+    ``template`` is a path to the user's own Jinja2 template, rendered under the same rules
+    (quoting filters enforced, StrictUndefined). Raises :class:`SpecError` for an unreadable
+    template and :class:`UnquotedValueError` / ``jinja2.UndefinedError`` for a faulty one.
+    """
+    env = make_environment()
+    if template is None:
+        tmpl = env.get_template(DEFAULT_TEMPLATE)
+    else:
+        try:
+            source = Path(template).expanduser().read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SpecError("template", str(template), f"check the path ({exc.strerror or exc})",
+                            problem="cannot be read") from None
+        tmpl = env.from_string(source)
+    try:
+        return tmpl.render(_context(spec, jobdir))
+    except shell.UnsafeValueError as exc:
+        raise SpecError("spec", str(exc), "remove the character the message names",
+                        problem="cannot be written into the script") from None
+
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _dir_name(job_name: str) -> str:
+    """The job name made safe for a directory name (the real name stays in the spec)."""
+    name = _SAFE_NAME.sub("_", job_name).strip("._") or "job"
+    return name[:64]
+
+
+def resolve_job_dir(spec: ServeSpec, now: _dt.datetime | None = None) -> JobDir:
+    """The job directory: ``spec.job_dir``, else ``<jobs root>/<job name>-<YYYYmmdd-HHMMSS>``.
+
+    A default name that is already taken gets ``-2``, ``-3``... so two submissions within the
+    same second never share a directory.
+    """
+    if spec.job_dir:
+        return JobDir(Path(spec.job_dir))
+    now = now or _dt.datetime.now()
+    base = default_jobs_root() / f"{_dir_name(spec.resources.job_name)}-{now:%Y%m%d-%H%M%S}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return JobDir(candidate)
+
+
+def prepare_job(
+    spec: ServeSpec,
+    template: str | os.PathLike[str] | None = None,
+    now: _dt.datetime | None = None,
+) -> JobDir:
+    """Validate, resolve and create the job directory, and write spec.json, secrets and job.sbatch.
+
+    Everything that can fail (validation, rendering) happens before the first write. Nothing
+    already in the directory is overwritten: a directory holding any of our files is refused.
+    After this the script can be submitted by hand with plain ``sbatch``.
+    """
+    validate_spec(spec, check_paths=True)
+    jobdir = resolve_job_dir(spec, now)
+    resolved = ServeSpec.model_validate(
+        {**spec.model_dump(mode="json"), "job_dir": str(jobdir.path)}, context={"check_paths": False}
+    )
+    script = render_script(resolved, jobdir, template)
+    ours = [jobdir.spec, jobdir.script, jobdir.api_key, jobdir.ray_token]
+    taken = [p.name for p in ours if p.exists()]
+    if taken:
+        raise SpecError("job_dir", str(jobdir.path),
+                        "choose another --job-dir (it already holds " + ", ".join(taken) + ")",
+                        problem="is already in use")
+    try:
+        jobdir.create()
+    except FileExistsError:
+        raise SpecError("job_dir", str(jobdir.path), "choose another --job-dir",
+                        problem="is already in use") from None
+    except OSError as exc:
+        raise SpecError("job_dir", str(jobdir.path), f"choose a writable place ({exc.strerror or exc})",
+                        problem="cannot be created") from None
+    write_json(jobdir.spec, resolved.model_dump(mode="json"), mode=0o600)
+    if resolved.serve.api_key:
+        jobdir.write_secret(jobdir.api_key)
+    jobdir.write_secret(jobdir.ray_token)
+    from slurm_vllm.jobdir import atomic_write
+
+    atomic_write(jobdir.script, script, mode=0o700)
+    return jobdir
