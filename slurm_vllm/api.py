@@ -10,14 +10,13 @@ the script refers to (its spec, secrets and log folder).
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 from slurm_vllm import slurm
 from slurm_vllm.errors import SpecError
 from slurm_vllm.job import Job, ProgressFn
-from slurm_vllm.jobdir import JobDir, atomic_write, default_jobs_root
+from slurm_vllm.jobdir import JobDir, atomic_write
 from slurm_vllm.spec import ServeSpec
 
 BACKENDS = ("sbatch", "submitit")
@@ -31,20 +30,13 @@ def _as_spec(spec: ServeSpec | str, options: dict[str, Any]) -> ServeSpec:
     return ServeSpec(spec, **options)  # type: ignore[call-arg]  # flat names, mapped by the spec
 
 
-def planned_jobdir(spec: ServeSpec) -> JobDir:
-    """The directory a submission of ``spec`` would use (nothing is created)."""
-    if spec.job_dir:
-        return JobDir(Path(spec.job_dir).expanduser())
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return JobDir(default_jobs_root() / f"{spec.resources.job_name}-{stamp}")
-
-
 def render(spec: ServeSpec | str, template: str | os.PathLike[str] | None = None, **options: Any) -> str:
     """The sbatch script for ``spec``, without writing anything (a preview)."""
-    from slurm_vllm.render import render_script  # noqa: PLC0415 - Jinja2 only when rendering
+    from slurm_vllm.render import render_script, resolve_job_dir  # noqa: PLC0415 - Jinja2 only here
+    from slurm_vllm.spec import validate_spec  # noqa: PLC0415
 
-    spec = _as_spec(spec, options)
-    return render_script(spec, planned_jobdir(spec), template=template)
+    spec = validate_spec(_as_spec(spec, options), check_paths=True)
+    return render_script(spec, resolve_job_dir(spec), template=template)
 
 
 def prepare(spec: ServeSpec | str, template: str | os.PathLike[str] | None = None, **options: Any) -> JobDir:

@@ -102,8 +102,12 @@ def executor_parameters(spec: Any, jobdir: JobDir) -> dict[str, Any]:
 
 
 def _python_for(spec: Any) -> str:
-    venv = spec.environment.venv
-    return shell.quote(str(Path(venv) / "bin" / "python")) if venv else shell.quote(sys.executable)
+    env = spec.environment
+    if env.venv:
+        return shell.quote(str(Path(env.venv) / "bin" / "python"))
+    if env.python and env.python != "python3":
+        return shell.quote(env.python)
+    return shell.quote(sys.executable)
 
 
 def submit(spec: Any, jobdir: JobDir) -> str:

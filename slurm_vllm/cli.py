@@ -1,0 +1,417 @@
+"""``python -m slurm_vllm`` / ``slurm-vllm``: commands -> library calls, errors -> exit codes.
+
+Exit codes: 0 ok, 2 bad usage or spec, 3 Slurm refused or failed, 4 the job failed or ended
+before it was ready, 5 timed out waiting (1: anything else, e.g. no endpoint yet). Errors are one
+line on stderr (a traceback only with ``--debug``).
+
+Start-up stays fast on a busy login node: nothing heavy (ray, vllm, submitit, openai, rich) is
+imported until a command needs it. ``leader``, ``worker`` and ``node`` hand their raw arguments
+to the node program, which keeps the flags of vLLM's ``multi-node-serving.sh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from slurm_vllm.errors import SlurmVllmError
+
+NODE_COMMANDS = ("leader", "worker", "node")
+
+EXIT_OK, EXIT_USAGE, EXIT_SLURM, EXIT_FAILED, EXIT_TIMEOUT = 0, 2, 3, 4, 5
+
+EPILOG = """\
+exit codes: 0 ok, 2 bad usage or spec, 3 Slurm refused or failed, 4 job failed or ended before
+ready, 5 timed out waiting. JOB is a Slurm job id or a job directory.
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# Output helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Progress:
+    """Shows a job's progress on stderr: a live rich line on a terminal, plain lines otherwise."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self._status: Any = None
+        self._console: Any = None
+        self._last_phase: str | None = None
+        if not quiet and sys.stderr.isatty():
+            from rich.console import Console  # noqa: PLC0415 - only for a live terminal
+
+            self._console = Console(stderr=True)
+            self._status = self._console.status("submitting")
+            self._status.start()
+
+    def __call__(self, st: Any) -> None:
+        if self.quiet:
+            return
+        line = st.summary()
+        stamp = time.strftime("%H:%M:%S")
+        if self._console is not None:
+            from rich.markup import escape  # noqa: PLC0415
+
+            if st.phase != self._last_phase and self._last_phase is not None:
+                self._console.print(f"[dim]{stamp}[/dim] {escape(line)}")
+            self._status.update(f"job {st.job_id}: {escape(line)}")
+        else:
+            _err(f"{stamp} job {st.job_id}: {line}")
+        self._last_phase = st.phase
+
+    def close(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+
+# --------------------------------------------------------------------------------------------
+# Spec flags (shared by submit and render)
+# --------------------------------------------------------------------------------------------
+
+
+def _add_spec_flags(p: argparse.ArgumentParser) -> None:
+    """MODEL, --config, --profile, --template and every spec flag (from :mod:`slurm_vllm.options`)."""
+    from slurm_vllm import options  # noqa: PLC0415
+
+    options.add_spec_options(p)
+
+
+def _build_spec(args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    """The validated spec and the explanation rows (field, value, source)."""
+    from slurm_vllm import options  # noqa: PLC0415
+
+    return options.spec_from_args(args, vllm_args=args.extra_args)
+
+
+def _print_explain(rows: list[Any]) -> None:
+    from slurm_vllm import options  # noqa: PLC0415
+
+    _err(options.format_explain(rows))
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+
+
+def _attach(job: str) -> Any:
+    from slurm_vllm.job import Job  # noqa: PLC0415
+
+    return Job.attach(job)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from slurm_vllm import api  # noqa: PLC0415
+
+    spec, rows = _build_spec(args)
+    if args.explain:
+        _print_explain(rows)
+    if args.dry_run:
+        sys.stdout.write(api.render(spec, template=getattr(args, "template", None)))
+        return EXIT_OK
+    job = api.submit(spec, backend=args.via, template=getattr(args, "template", None))
+    if args.json and not args.wait:
+        _print_json({"job_id": job.job_id, "job_dir": str(job.job_dir)})
+        return EXIT_OK
+    if not args.json:
+        print(f"Submitted job {job.job_id}", flush=True)
+        print(f"job directory: {job.job_dir}", flush=True)
+    if args.wait:
+        return _wait(job, args.timeout, args.json, quiet=args.json)
+    if not args.json:
+        _err(f"follow it with: slurm-vllm wait {job.job_id}")
+    return EXIT_OK
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from slurm_vllm import api  # noqa: PLC0415
+
+    spec, rows = _build_spec(args)
+    if args.explain:
+        _print_explain(rows)
+    jobdir = api.prepare(spec, template=getattr(args, "template", None))
+    script = jobdir.script.read_text()
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(script)
+        _err(f"wrote {args.output}")
+    else:
+        sys.stdout.write(script)
+    _err(f"job directory: {jobdir.path} (submit with: sbatch {args.output or jobdir.script})")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from slurm_vllm.job import statuses  # noqa: PLC0415
+
+    jobs = [_attach(j) for j in args.job]
+    sts = statuses(jobs)
+    if args.json:
+        dicts = [s.to_dict() for s in sts]
+        _print_json(dicts[0] if len(dicts) == 1 else dicts)
+    else:
+        for s in sts:
+            print(f"{s.job_id}\t{s.summary()}")
+            if s.log_tail and s.phase == "FAILED":
+                print("  " + s.log_tail.replace("\n", "\n  "))
+    return EXIT_OK
+
+
+def _wait(job: Any, timeout: float | None, as_json: bool, quiet: bool = False) -> int:
+    progress = Progress(quiet=quiet)
+    try:
+        job.wait_ready(timeout=timeout, on_progress=progress)
+    finally:
+        progress.close()
+    ep = job.endpoint
+    st = job._last
+    if as_json:
+        d = st.to_dict() if st else {}
+        d.update({"base_url": ep.base_url, "model": ep.model})
+        _print_json(d)
+    else:
+        print(f"READY {ep.base_url}  model={ep.model}")
+        _err(f'use it with: eval "$(slurm-vllm endpoint {job.job_id} --env)"')
+    return EXIT_OK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    return _wait(_attach(args.job), args.timeout, args.json, quiet=args.quiet)
+
+
+def cmd_endpoint(args: argparse.Namespace) -> int:
+    from slurm_vllm import shell  # noqa: PLC0415
+
+    job = _attach(args.job)
+    job.status()
+    ep = job.endpoint
+    if args.json:
+        _print_json({"base_url": ep.base_url, "model": ep.model, "api_key": ep.api_key, "host": ep.host, "port": ep.port, "job_id": job.job_id})
+    elif args.env:
+        for k, v in ep.env().items():
+            print(f"export {k}={shell.quote(v)}")
+    else:
+        print(ep.base_url)
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    job = _attach(args.job)
+    node: int | str | None = args.node
+    if args.follow:
+        try:
+            for chunk in job.follow_logs(node):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            return EXIT_OK
+        return EXIT_OK
+    text = job.logs(node, tail=args.tail)
+    if not text:
+        _err(f"{job.log_path(node)}: nothing logged yet")
+    sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    job = _attach(args.job)
+    st = job.cancel(timeout=args.timeout)
+    if args.json:
+        _print_json(st.to_dict())
+    else:
+        print(f"{job.job_id}\t{st.summary()}")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from slurm_vllm import slurm  # noqa: PLC0415
+    from slurm_vllm.jobdir import JobDir  # noqa: PLC0415
+
+    rows = []
+    for sj in slurm.list_jobs():
+        jd = JobDir(sj.workdir) if sj.workdir else None
+        state = jd.read_state() if jd else None
+        if state and str(state.get("job_id", sj.job_id)) != sj.job_id:
+            state = None
+        endpoint = jd.read_endpoint() if jd else None
+        if sj.category is slurm.Category.PENDING:
+            phase = "PENDING"
+        else:
+            phase = (state or {}).get("phase") or ("STARTING_RAY" if sj.category is slurm.Category.RUNNING else sj.state.name)
+        rows.append({
+            "job_id": sj.job_id, "name": sj.name, "slurm_state": sj.state.raw, "phase": phase,
+            "reason": (sj.reason.raw if sj.reason else (state or {}).get("reason", "")),
+            "nodes": sj.nodes, "elapsed": sj.elapsed, "time_limit": sj.time_limit,
+            "url": (endpoint or {}).get("base_url") if phase == "READY" else None,
+            "job_dir": sj.workdir,
+        })
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    if not rows:
+        _err("no queued or running slurm_vllm jobs")
+        return EXIT_OK
+    print("JOBID\tNAME\tPHASE\tSLURM\tNODES\tELAPSED\tURL/REASON\tJOB DIR")
+    for r in rows:
+        print("\t".join(str(x) for x in (
+            r["job_id"], r["name"], r["phase"], r["slurm_state"], r["nodes"] or "", r["elapsed"],
+            r["url"] or r["reason"] or "", r["job_dir"])))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------
+
+
+def _node_arg(text: str) -> int | str:
+    if text.isdigit():
+        return int(text)
+    if text in ("vllm", "batch"):
+        return text
+    raise argparse.ArgumentTypeError("give a node number, 'vllm' or 'batch'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    parser = argparse.ArgumentParser(
+        prog="slurm-vllm",
+        description="Serve an LLM with vLLM across the nodes of a Slurm allocation.",
+        epilog=EPILOG,
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from slurm_vllm import __version__  # noqa: PLC0415
+
+    parser.add_argument("--version", action="version", version=f"slurm-vllm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, parents=[common], epilog=EPILOG)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("submit", cmd_submit, "validate, render and submit a server job; print its id and directory at once")
+    _add_spec_flags(p)
+    p.add_argument("--via", choices=("sbatch", "submitit"), default="sbatch", help="submission path (default: sbatch)")
+    p.add_argument("--wait", action="store_true", help="then wait until the server answers (as `wait`)")
+    p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after S seconds (exit 5)")
+    p.add_argument("--dry-run", action="store_true", help="print the script; submit nothing, write nothing")
+    p.add_argument("--explain", action="store_true", help="show where each setting came from (stderr)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("render", cmd_render, "write the sbatch script (and create its job directory) for submitting by hand")
+    _add_spec_flags(p)
+    p.add_argument("-o", "--output", help="write the script to FILE instead of stdout")
+    p.add_argument("--explain", action="store_true", help="show where each setting came from (stderr)")
+
+    p = add("status", cmd_status, "show the phase of one or more jobs (one Slurm call for all)")
+    p.add_argument("job", nargs="+", metavar="JOB")
+    p.add_argument("--json", action="store_true")
+
+    p = add("wait", cmd_wait, "wait until the job's server answers, with live progress")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--timeout", type=float, default=None, help="give up after S seconds (exit 5); the job goes on")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--json", action="store_true")
+
+    p = add("endpoint", cmd_endpoint, "print the server's base URL (or JSON, or shell exports)")
+    p.add_argument("job", metavar="JOB")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true", help="base_url, model, api_key, host, port")
+    g.add_argument("--env", action="store_true", help="export OPENAI_BASE_URL/OPENAI_API_KEY lines for eval")
+
+    p = add("logs", cmd_logs, "print a node's log (default: the head, node 0)")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--node", type=_node_arg, default=None, help="node number, 'vllm' or 'batch'")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    p.add_argument("--tail", type=int, default=None, help="only the last N lines")
+
+    p = add("cancel", cmd_cancel, "cancel the job and return once Slurm says it has ended")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--json", action="store_true")
+
+    p = add("list", cmd_list, "this user's queued and running jobs of this tool (one Slurm call)")
+    p.add_argument("--json", action="store_true")
+
+    for name, what in (
+        ("leader", "start the Ray head (drop-in for multi-node-serving.sh leader)"),
+        ("worker", "join the Ray head (drop-in for multi-node-serving.sh worker)"),
+        ("node", "the node program run by the batch script on every node (internal)"),
+    ):
+        sub.add_parser(name, help=what, add_help=False)
+    return parser
+
+
+def _split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Everything after the first ``--`` goes to ``vllm serve`` verbatim."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def _dispatch_node(command: str, rest: list[str]) -> int:
+    from slurm_vllm.node import cli as node_cli  # noqa: PLC0415 - compute-node code
+
+    fn = {"leader": "leader_main", "worker": "worker_main", "node": "node_main"}[command]
+    return int(getattr(node_cli, fn)(rest) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return its exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] in NODE_COMMANDS:
+        return _dispatch_node(args_list[0], args_list[1:])
+    head, extra = _split_extra(args_list)
+    parser = build_parser()
+    args = parser.parse_args(head)
+    if extra and args.command not in ("submit", "render"):
+        parser.error("arguments after -- are vLLM arguments, for submit and render only")
+    args.extra_args = extra
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except SlurmVllmError as exc:
+        if args.debug:
+            traceback.print_exc()
+        _err(f"error: {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except (FileNotFoundError, PermissionError, ValueError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        _err(f"error: {exc}")
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, traceback on request
+        if args.debug:
+            traceback.print_exc()
+        _err(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
