@@ -38,8 +38,8 @@ def slurm_filename(path: str) -> str:
 
 
 #: Characters sbatch's ``#SBATCH`` parser treats specially: whitespace splits arguments, both
-#: quote characters open a quoted run, ``\\`` escapes the next character, and an unescaped ``#``
-#: starts a comment.
+#: quote characters open a quoted run, a backslash escapes the next character, and an unescaped
+#: ``#`` starts a comment.
 _SBATCH_SPECIAL = frozenset(" \t\v\f\"'\\#")
 
 
@@ -48,8 +48,9 @@ def sbatch_value(value: str, what: str = "value") -> str:
 
     ``#SBATCH`` lines are parsed by sbatch, not bash: it splits on whitespace, honours single
     and double quotes, treats a backslash as "take the next character literally" (inside quotes
-    too) and an unescaped ``#`` as the start of a comment. So every one of those characters is
-    written with a backslash in front, which sbatch reads back byte for byte. The words
+    too, but an escaped blank still ends the argument) and an unescaped ``#`` outside quotes as
+    the start of a comment. So a value holding any of those is wrapped in double quotes, with
+    ``"`` and ``\\`` escaped by a backslash; sbatch reads it back byte for byte. The words
     ``hetjob``/``packjob`` are refused: sbatch scans the whole line for them to split
     heterogeneous jobs.
     """
@@ -59,6 +60,6 @@ def sbatch_value(value: str, what: str = "value") -> str:
         raise UnsafeValueError(
             f"{what} {text!r} holds 'hetjob'/'packjob', which sbatch reads as a job separator; rename it"
         )
-    if text == "":
-        return '""'
-    return "".join("\\" + c if c in _SBATCH_SPECIAL else c for c in text)
+    if text and not any(c in _SBATCH_SPECIAL for c in text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
