@@ -261,7 +261,7 @@ _HELD_EXACT = {
 _BLOCKED_PATTERNS = (
     (re.compile(r"^(Assoc|QOS)Max\w*PerJob\w*$"), "the job exceeds a per-job limit of its association or QOS"),
     (re.compile(r"^QOSMin\w*$"), "the job is below a minimum of its QOS"),
-    (re.compile(r"^(Assoc|QOS)Grp\w*Minutes\w*$", re.IGNORECASE), "the account's time budget is spent"),
+    (re.compile(r"^(Assoc|QOS)Grp(?!\w*Run)\w*Minutes\w*$", re.IGNORECASE), "the account's time budget is spent"),
     (re.compile(r"^(Assoc|QOS)MaxWall\w*$"), "the time limit exceeds the association's or QOS's maximum"),
 )
 _WAITING_HINTS = {
