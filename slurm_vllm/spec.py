@@ -22,6 +22,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from contextvars import ContextVar
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from slurm_vllm.errors import SpecError, SpecErrors
@@ -291,6 +293,11 @@ def _absolutize(out: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+#: Whether validation also checks files on this machine. pydantic routes ``model_validate``
+#: through our ``__init__`` (which drops the validation context), so the flag travels here.
+_CHECK_PATHS: ContextVar[bool] = ContextVar("slurm_vllm_check_paths", default=True)
+
+
 class ServeSpec(_Section):
     """Everything one serving job needs, validated.
 
@@ -325,11 +332,22 @@ class ServeSpec(_Section):
 
     @classmethod
     def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> ServeSpec:  # type: ignore[override]
-        """Validate a mapping (flat or sectioned); errors come out as :class:`SpecErrors`."""
+        """Validate a mapping (flat or sectioned); errors come out as :class:`SpecErrors`.
+
+        ``context={"check_paths": False}`` skips the checks of local files (for ``spec.json``
+        read back on a compute node).
+        """
+        context = kwargs.get("context")
+        check = True
+        if isinstance(context, Mapping):
+            check = bool(context.get("check_paths", True))
+        token = _CHECK_PATHS.set(check)
         try:
             return super().model_validate(obj, *args, **kwargs)
         except ValidationError as exc:
             raise _convert(exc) from None
+        finally:
+            _CHECK_PATHS.reset(token)
 
     @model_validator(mode="before")
     @classmethod
@@ -340,7 +358,7 @@ class ServeSpec(_Section):
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> ServeSpec:
-        check_paths = True
+        check_paths = _CHECK_PATHS.get()
         if isinstance(info.context, Mapping):
             check_paths = bool(info.context.get("check_paths", True))
         errors = check_spec(self, check_paths=check_paths)
