@@ -384,7 +384,7 @@ class Job:
         self,
         timeout: float | None = None,
         on_progress: ProgressFn | None = None,
-        interval: float = 2.0,
+        interval: float | None = None,
         fail_if_blocked: bool = True,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -397,6 +397,8 @@ class Job:
         will never start (unless ``fail_if_blocked`` is False). ``on_progress`` gets every status
         whose summary changed.
         """
+        if interval is None:
+            interval = float(os.environ.get("SLURM_VLLM_POLL_INTERVAL", "2"))
         deadline = None if timeout is None else clock() + timeout
         last_summary = None
         while True:
