@@ -61,6 +61,8 @@ SPEC_FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
     (("--python",), "python", {"metavar": "CMD", "help": "python on the nodes (default python3)"}),
     (("--job-dir",), "job_dir", {"metavar": "DIR", "help": "job directory (default ~/.slurm_vllm/jobs/NAME-TIME)"}),
     (("--port",), "port", {"type": int, "metavar": "PORT", "help": "vLLM API port (default: chosen per job)"}),
+    (("--ready-timeout",), "ready_timeout", {"type": float, "metavar": "S",
+                                             "help": "seconds allowed for loading the model (default 3600)"}),
     (("--no-api-key",), "api_key", {"action": "store_const", "const": False,
                                     "help": "serve without an API key"}),
 ]

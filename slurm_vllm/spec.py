@@ -112,6 +112,9 @@ class ServeSection(_Section):
 
     port: int | None = Field(None, description="vLLM API port; default: chosen per job on the head node.")
     api_key: bool = Field(True, description="Require an API key (generated per job); --no-api-key turns it off.")
+    ready_timeout: float = Field(
+        3600.0, description="Seconds the head waits for vLLM to load and answer before giving up."
+    )
 
 
 #: Top-level keys that are whole sections.
@@ -485,6 +488,8 @@ OWNED_VLLM_FLAGS: dict[str, str | None] = {
     "--master-addr": None,
     "--master-port": None,
     "--headless": None,
+    "-n": None,
+    "-r": None,
     "--model": None,
 }
 
@@ -497,6 +502,8 @@ _OWNED_FIX = {
     "--master-port": "remove it: the port is planned per job",
     "--headless": "remove it: non-zero ranks run headless on their own with the mp backend",
     "--model": "remove it: set model (the positional MODEL)",
+    "-n": "remove it: set nodes (the node program passes --nnodes for the mp backend)",
+    "-r": "remove it: each node's rank comes from Slurm",
 }
 
 #: sbatch options a user may add with sbatch_args; the rest are either set by the tool from spec
@@ -647,6 +654,10 @@ def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
         except ValueError:
             add(SpecError("cidr", n.cidr, "give a network such as 10.1.0.0/16", problem="is not a network"))
 
+    if not s.ready_timeout > 0:
+        add(SpecError("ready_timeout", s.ready_timeout, "use a positive number of seconds (e.g. 3600)",
+                      problem="is not positive"))
+
     # Port.
     if s.port is not None and not 1024 <= s.port <= 65535:
         add(SpecError("port", s.port,
@@ -724,13 +735,18 @@ def _vllm_flag(arg: str) -> tuple[str, str | None]:
 
 
 def check_extra_args(spec: ServeSpec) -> list[SpecError]:
-    """Refuse extra vLLM args that would contradict what the node program passes itself."""
+    """Refuse extra vLLM args that the node program passes itself.
+
+    They are refused even when they repeat the spec's value: the node program builds these flags
+    from the spec and refuses duplicates at start, so letting one through here would only move
+    the failure into the job.
+    """
     errors: list[SpecError] = []
     args = spec.model.extra_args
-    tp, pp = _effective(spec)
     decided: dict[str, Any] = {
-        "tensor_parallel_size": tp, "pipeline_parallel_size": pp, "backend": spec.backend,
-        "port": spec.serve.port, "served_name": spec.model.served_name,
+        "tensor_parallel_size": spec.tensor_parallel_size,
+        "pipeline_parallel_size": spec.pipeline_parallel_size,
+        "backend": spec.backend, "port": spec.serve.port, "served_name": spec.model.served_name,
     }
     i = 0
     while i < len(args):
@@ -741,17 +757,15 @@ def check_extra_args(spec: ServeSpec) -> list[SpecError]:
             if value is None and name != "--headless" and i + 1 < len(args):
                 value = args[i + 1]
                 i += 1
+            shown_arg = name if value is None else f"{name} {value}"
             if owner is None:
-                errors.append(SpecError(field, args[i] if value is None else f"{name} {value}",
-                                        _OWNED_FIX[name], problem="is set by the tool"))
+                errors.append(SpecError(field, shown_arg, _OWNED_FIX[name], problem="is set by the tool"))
             else:
-                want = decided[owner]
-                if want is None or value is None or str(want) != value:
-                    shown = want if want is not None else "unset"
-                    errors.append(SpecError(
-                        field, f"{name} {value}" if value is not None else name,
-                        f"set {owner} instead (the spec's value is {shown}); the node program passes "
-                        f"{name} itself", problem="conflicts with the spec"))
+                now = decided[owner]
+                errors.append(SpecError(
+                    field, shown_arg,
+                    f"remove it and set {owner} instead (now {now if now is not None else 'unset'}); "
+                    f"the node program passes {name} itself", problem="is set by the tool"))
         i += 1
     return errors
 

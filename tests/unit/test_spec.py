@@ -338,11 +338,15 @@ def test_conflicting_vllm_args_refused(arg, fix_word):
     assert fix_word in err.fix
 
 
-def test_consistent_vllm_args_allowed():
-    s = ServeSpec("org/M", nodes=1, gpus_per_node=2, port=9000,
-                  extra_args=["--tensor-parallel-size", "2", "--port=9000", "--distributed-executor-backend",
-                              "ray", "--max-model-len", "256"])
-    assert "--max-model-len" in s.model.extra_args
+def test_vllm_args_repeating_the_spec_are_refused_too():
+    # the node program refuses duplicates of flags it sets; catch them before submission
+    err = one_error("extra_args[0]", "org/M", nodes=1, gpus_per_node=2, extra_args=["--tensor-parallel-size", "2"])
+    assert "now 2" in err.fix
+
+
+def test_other_vllm_args_pass_through():
+    s = ServeSpec("org/M", extra_args=["--max-model-len", "256", "--dtype=float32"])
+    assert s.model.extra_args == ["--max-model-len", "256", "--dtype=float32"]
 
 
 @pytest.mark.parametrize("name", ["1BAD", "A-B", "A B", ""])
@@ -382,6 +386,7 @@ def test_sbatch_args_allowed():
     ("mem", "lots", "64G"),
     ("signal_grace", 0, "1..65535"),
     ("join_timeout", 0, "positive"),
+    ("ready_timeout", -1, "positive"),
     ("interface", "not an iface!", "ib0"),
     ("cidr", "10.0.0.0/99", "10.1.0.0/16"),
     ("python", " ", "python3"),
@@ -422,3 +427,36 @@ def test_check_spec_after_in_place_edit():
     s.resources.gpus_per_node = 2
     s.parallel.tensor_parallel_size = 1
     assert any(e.field == "tensor_parallel_size" for e in check_spec(s, check_paths=False))
+
+
+# --- CLI options -> spec ----------------------------------------------------------------------
+
+
+def test_cli_flags_build_the_same_spec(tmp_path):
+    import argparse
+
+    from slurm_vllm.options import add_spec_options, format_explain, spec_from_args, split_vllm_args
+
+    parser = argparse.ArgumentParser()
+    add_spec_options(parser)
+    own, vllm = split_vllm_args(["org/M", "--nodes", "2", "--gpus-per-node", "4", "-p", "gpu",
+                                 "--env", "A=b=c", "--setup", "module load x", "--no-api-key",
+                                 "--sbatch-arg=--mail-type=END", "--", "--max-model-len", "256"])
+    ns = parser.parse_args(own)
+    assert not hasattr(ns, "time")  # unset flags never override lower layers
+    spec, rows = spec_from_args(ns, vllm, environ={"SLURM_VLLM_PARTITION": "env-part"})
+    assert spec == ServeSpec("org/M", nodes=2, gpus_per_node=4, partition="gpu", env={"A": "b=c"},
+                             setup=["module load x"], api_key=False, sbatch_args=["--mail-type=END"],
+                             extra_args=["--max-model-len", "256"])
+    src = {f: s for f, _v, s in rows}
+    assert src["partition"] == "flag --partition" and src["api_key"] == "flag --no-api-key"
+    assert src["model"] == "argument MODEL" and src["extra_args"] == "arguments after --"
+    text = format_explain(rows)
+    assert "partition" in text and "flag --partition" in text
+
+
+def test_cli_env_flag_needs_key_value():
+    from slurm_vllm.options import flags_from_namespace
+
+    with pytest.raises(SpecErrors, match="KEY=VALUE"):
+        flags_from_namespace({"env": ["NOEQUALS"]})
