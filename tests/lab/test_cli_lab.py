@@ -1,0 +1,252 @@
+"""The CLI, the Python API and the submitit path against the real Slurm lab (and real vLLM).
+
+Nothing here fakes Slurm: jobs are really submitted, followed, cancelled. Tests marked ``vllm``
+also serve the lab's tiny model with CPU vLLM and talk to it through the OpenAI client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest_cli import (
+    PARTITION,
+    cli,
+    fake_python,
+    lab_serve_flags,
+    lab_serve_kwargs,
+    require_lab,
+    scancel_quietly,
+    squeue_me,
+    wait_gone,
+)
+
+pytestmark = pytest.mark.lab
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    """A jobs root of its own; every job submitted from it is cancelled afterwards."""
+    require_lab()
+    h = tmp_path / "home"
+    yield h
+    for jid_file in (h / "jobs").glob("*/job_id") if (h / "jobs").exists() else []:
+        jid = jid_file.read_text().strip()
+        if jid:
+            scancel_quietly(jid)
+
+
+def _job_id(out: str) -> str:
+    first = out.splitlines()[0]
+    assert first.startswith("Submitted job "), out
+    return first.split()[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# Slurm's refusals and failures
+# --------------------------------------------------------------------------------------------
+
+
+def test_bad_partition_exit_3_with_slurms_message_and_nothing_queued(home: Path) -> None:
+    before = {j[0] for j in squeue_me()}
+    proc = cli(["submit", "org/model", "--partition", "no-such-partition"], home)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == ""
+    err = proc.stderr.strip()
+    assert err.startswith("error: sbatch exited 1: sbatch: error:"), err
+    assert "invalid partition" in err.lower(), err
+    assert len(err.splitlines()) == 1
+    after = {j[0] for j in squeue_me()}
+    assert after - before == set(), "a refused submission must leave nothing queued"
+
+
+def test_node_program_failure_exit_4_with_reason_and_log(home: Path, tmp_path: Path) -> None:
+    py = fake_python(tmp_path, 'echo "simulated node failure: cannot import vllm" >&2\nexit 1')
+    proc = cli(["submit", "org/model", "--partition", PARTITION, "--nodes", "2", "--gpus-per-node", "1",
+                "--python", py, "--time", "00:05:00", "--wait", "--timeout", "120"], home, timeout=180)
+    assert proc.returncode == 4, (proc.stdout, proc.stderr)
+    jid = _job_id(proc.stdout)
+    assert f"job {jid} FAILED" in proc.stderr
+    assert "FAILED" in proc.stderr and "exit code" in proc.stderr
+    assert "simulated node failure: cannot import vllm" in proc.stderr  # the failing node's log tail
+    st = cli(["status", jid, "--json"], home)
+    data = json.loads(st.stdout)
+    assert st.returncode == 0 and data["phase"] == "FAILED" and data["job_id"] == jid
+
+
+def test_hand_submitted_rendered_script_is_followed(home: Path, tmp_path: Path) -> None:
+    py = fake_python(tmp_path, "sleep 300")
+    script = tmp_path / "serve.sbatch"
+    r = cli(["render", "org/model", "--partition", PARTITION, "--nodes", "2", "--gpus-per-node", "1",
+             "--python", py, "--time", "00:05:00", "-o", str(script)], home)
+    assert r.returncode == 0, r.stderr
+    # submitted by hand, exactly as a user would
+    sb = subprocess.run(["sbatch", str(script)], capture_output=True, text=True, timeout=60, check=True)
+    jid = sb.stdout.split()[-1]
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            st = cli(["status", jid, "--json"], home)
+            assert st.returncode == 0, st.stderr
+            data = json.loads(st.stdout)
+            if data["phase"] == "STARTING_RAY" or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert data["phase"] == "STARTING_RAY" and data["nodes_expected"] == 2, data
+        assert data["job_id"] == jid and Path(data["job_dir"]).parent == home / "jobs"
+
+        lst = cli(["list", "--json"], home)
+        assert jid in [row["job_id"] for row in json.loads(lst.stdout)]
+
+        w = cli(["wait", jid, "--timeout", "3"], home)
+        assert w.returncode == 5, w.stderr
+        assert "not ready after 3 s" in w.stderr
+
+        c = cli(["cancel", jid], home)
+        assert c.returncode == 0, c.stderr
+        assert "ENDED" in c.stdout and "cancelled" in c.stdout
+        assert all(j[0] != jid or j[1] == "CANCELLED" for j in squeue_me())
+        after = json.loads(cli(["status", jid, "--json"], home).stdout)
+        assert after["phase"] == "ENDED" and "cancelled" in after["reason"]
+    finally:
+        scancel_quietly(jid)
+
+
+def test_api_submit_status_cancel_with_a_stand_in_node_program(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_VLLM_HOME", str(home))
+    import slurm_vllm
+
+    py = fake_python(tmp_path, "sleep 300")
+    spec = slurm_vllm.ServeSpec("org/model", nodes=1, gpus_per_node=1, partition=PARTITION, python=py, time="00:05:00")
+    with slurm_vllm.submit(spec) as job:
+        assert job.job_id and (job.job_dir / "job_id").read_text().strip() == job.job_id
+        again = slurm_vllm.attach(job.job_id)
+        assert again.job_dir == job.job_dir
+        assert job.status().phase in ("PENDING", "STARTING_RAY")
+        assert "<table>" in job._repr_html_()
+    wait_gone(job.job_id)
+    assert job.status(force=True).phase == "ENDED"
+
+
+def test_submitit_path_uses_the_same_job_dir_and_handle(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("SLURM_VLLM_HOME", str(home))
+    import slurm_vllm
+
+    spec = slurm_vllm.ServeSpec("org/model", nodes=2, gpus_per_node=1, partition=PARTITION, time="00:05:00")
+    job = slurm_vllm.submit(spec, backend="submitit")
+    try:
+        script = (job.job_dir / "job.sbatch").read_text()
+        assert "submitit" in script and "--nodes=2" in script and "--comment=slurm_vllm" in script
+        assert f"--chdir={job.job_dir}" in script or f"--chdir='{job.job_dir}'" in script
+        # found from its id alone (WorkDir), and listed as one of ours (comment)
+        assert slurm_vllm.attach(job.job_id).job_dir == job.job_dir
+        lst = json.loads(cli(["list", "--json"], home).stdout)
+        assert job.job_id in [r["job_id"] for r in lst]
+        # each node's output lands in logs/node-<rank>.log, as with the sbatch path
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (job.job_dir / "logs" / "node-1.log").exists():
+            time.sleep(1)
+        assert (job.job_dir / "logs" / "node-0.log").exists() and (job.job_dir / "logs" / "node-1.log").exists()
+    finally:
+        st = job.cancel()
+    assert st.final
+
+
+# --------------------------------------------------------------------------------------------
+# End to end with real vLLM (slow; one server at a time)
+# --------------------------------------------------------------------------------------------
+
+
+def _chat(base_url: str, api_key: str, model: str) -> str:
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key=api_key)
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0)
+    return reply.choices[0].message.content or ""
+
+
+@pytest.mark.vllm
+def test_cli_submit_wait_endpoint_chat_cancel(home: Path) -> None:
+    proc = cli(["submit", *lab_serve_flags()[:1], "--wait", "--timeout", "900", *lab_serve_flags()[1:]], home, timeout=960)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr[-3000:])
+    jid = _job_id(proc.stdout)
+    assert "READY http://" in proc.stdout
+    ep = json.loads(cli(["endpoint", jid, "--json"], home).stdout)
+    assert ep["base_url"].startswith("http://") and ep["api_key"]
+    env = cli(["endpoint", jid, "--env"], home).stdout
+    assert "export OPENAI_BASE_URL=" in env and "export OPENAI_API_KEY=" in env
+    text = _chat(ep["base_url"], ep["api_key"], ep["model"])
+    assert isinstance(text, str)
+    wrong = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", ep["base_url"] + "/models",
+                            "-H", "Authorization: Bearer wrong"], capture_output=True, text=True, timeout=30, check=False)
+    assert wrong.stdout == "401"
+    c = cli(["cancel", jid], home, timeout=180)
+    assert c.returncode == 0 and "ENDED" in c.stdout, c.stderr
+    st = json.loads(cli(["status", jid, "--json"], home).stdout)
+    assert st["phase"] == "ENDED"
+
+
+@pytest.mark.vllm
+def test_api_submit_wait_chat_and_cancel_on_exit(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_VLLM_HOME", str(home))
+    import slurm_vllm
+
+    spec = slurm_vllm.ServeSpec(**lab_serve_kwargs())  # type: ignore[arg-type]
+    with slurm_vllm.submit(spec) as job:
+        seen: list[str] = []
+        ep = job.wait_ready(timeout=900, on_progress=lambda s: seen.append(s.phase))
+        assert seen[-1] == "READY" and ep.api_key
+        client = job.openai_client()
+        reply = client.chat.completions.create(model=ep.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+        assert reply.choices
+    wait_gone(job.job_id, timeout=120)
+    assert job.status(force=True).phase == "ENDED"
+
+
+@pytest.mark.vllm
+def test_submitit_submit_wait_chat_cancel(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("SLURM_VLLM_HOME", str(home))
+    import slurm_vllm
+
+    spec = slurm_vllm.ServeSpec(**lab_serve_kwargs())  # type: ignore[arg-type]
+    job = slurm_vllm.submit(spec, backend="submitit")
+    try:
+        ep = job.wait_ready(timeout=900)
+        assert _chat(ep.base_url, ep.api_key or "", ep.model) is not None
+    finally:
+        st = job.cancel(timeout=180)
+    assert st.phase == "ENDED"
+
+
+@pytest.mark.vllm
+def test_notebook_runs_headless(home: Path) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(DOCS / "notebook.ipynb", as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1, "the notebook has one cell tagged 'parameters'"
+    kw = lab_serve_kwargs()
+    model = kw.pop("model")
+    params[0].source = (
+        "import os\n"
+        f"os.environ['SLURM_VLLM_HOME'] = {str(home)!r}\n"
+        f"MODEL = {model!r}\n"
+        f"OPTIONS = {kw!r}\n"
+        "TIMEOUT = 900\n"
+    )
+    client = nbclient.NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(home.parent)}})
+    client.execute()
+    outputs = "\n".join(
+        o.get("text", "") or json.dumps(o.get("data", {})) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+    )
+    assert "READY" in outputs and "ENDED" in outputs, outputs[-2000:]
+    assert os.environ.get("SLURM_VLLM_HOME") != str(home)  # the kernel's env did not leak here
