@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from slurm_vllm.errors import SlurmVllmError
@@ -245,7 +246,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     rows = []
     for sj in slurm.list_jobs():
-        jd = JobDir(sj.workdir) if sj.workdir else None
+        jd = JobDir(Path(sj.workdir)) if sj.workdir else None
         state = jd.read_state() if jd else None
         if state and str(state.get("job_id", sj.job_id)) != sj.job_id:
             state = None

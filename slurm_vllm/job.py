@@ -207,7 +207,12 @@ def combine(
         assert sjob is not None
         status.phase = PENDING
         reason = sjob.reason or slurm.parse_reason(None)
-        status.reason = str(reason) if sjob.state.name == "PENDING" else f"{sjob.state.meaning}; {reason}"
+        if sjob.state.name == "PENDING":
+            status.reason = str(reason)
+        elif reason.code == "None":
+            status.reason = sjob.state.meaning
+        else:
+            status.reason = f"{sjob.state.meaning}; {reason}"
         status.blocked = reason.blocked
         status.nodes_joined = None
         return status
