@@ -12,8 +12,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shlex
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -308,3 +311,32 @@ def test_packaged_template_shipped_with_the_package():
 
     res = importlib.resources.files("slurm_vllm") / "sbatch_templates" / "serve.sbatch.j2"
     assert "srun" in res.read_text()
+
+
+# --- the real sbatch parser (binary only: it stops at a bad option, before any controller) ---
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="sbatch binary not installed")
+def test_real_sbatch_reads_hostile_values_byte_for_byte(hostile_run, tmp_path):
+    """sbatch's own parser reads our #SBATCH block exactly as the tests' model of it does.
+
+    A sentinel ``--nodes`` with a bad value, placed after the block, makes sbatch exit during
+    option processing, so nothing is submitted and no controller is contacted.
+    """
+    script = hostile_run["script"].split("\n")
+    last = max(i for i, line in enumerate(script) if line.startswith("#SBATCH"))
+    script.insert(last + 1, "#SBATCH --nodes=invalid-sentinel")
+    probe = tmp_path / "probe.sbatch"
+    probe.write_text("\n".join(script))
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=probe\nSlurmctldHost=localhost\nSlurmctldPort=1\n")
+    out = subprocess.run(["sbatch", "-vvvvv", str(probe)], capture_output=True, timeout=30,
+                         env={"PATH": os.environ["PATH"], "SLURM_CONF": str(conf), "LANG": "C.UTF-8"})
+    assert out.returncode != 0
+    text = out.stderr.decode("utf-8", "replace")
+    found = re.findall(r'Found in script, argument "(.*)"$', text, flags=re.M)
+    if not found:
+        pytest.skip(f"this sbatch does not report parsed arguments: {text[:200]}")
+    assert found[-1] == "--nodes=invalid-sentinel"
+    assert found[:-1] == sbatch_options(hostile_run["script"])
+    assert f"--job-name={hostile_run['h']}" in found
