@@ -1,0 +1,245 @@
+"""Signals, the processes this node program owns, and a teardown that leaves nothing behind.
+
+Ray must never be stopped with ``ray stop`` here: it kills Ray processes by name on the whole
+node, other jobs' included. Instead every child is started in its own session (so its process
+group is ours alone), the node program makes itself a child subreaper (so anything a child
+daemonises is re-parented to us, not to init), and teardown signals exactly those process
+groups and descendants: SIGTERM, a bounded wait, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+#: Reasons written to state.json for each signal.
+SIGNAL_REASONS = {
+    signal.SIGTERM: "cancelled",
+    signal.SIGUSR2: "time limit",
+    signal.SIGINT: "interrupted",
+    signal.SIGHUP: "hangup",
+}
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def log(msg: str, stream: IO[str] | None = None) -> None:
+    """One timestamped line on the node log (srun's per-task output file)."""
+    out = stream or sys.stdout
+    out.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
+    out.flush()
+
+
+@dataclass
+class Stopper:
+    """Set once, by a signal or a failure, with the reason the node stops."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+    reason: str | None = None
+    signum: int | None = None
+    failed: bool = False
+
+    def stop(self, reason: str, signum: int | None = None) -> None:
+        """Ask for an orderly end (a signal, or the work is done): the job ENDS."""
+        if not self.event.is_set():
+            self.reason = reason
+            self.signum = signum
+            self.event.set()
+
+    def fail(self, reason: str) -> None:
+        """Ask for an end because something broke: the job FAILS with ``reason``."""
+        if not self.event.is_set():
+            self.failed = True
+            self.reason = reason
+            self.event.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self.event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self.event.wait(timeout)
+
+
+def install_signal_handlers(stopper: Stopper) -> None:
+    """Turn SIGTERM/SIGUSR2/SIGINT/SIGHUP into a stop request; the main loop does the teardown."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        stopper.stop(SIGNAL_REASONS.get(signal.Signals(signum), f"signal {signum}"), signum)
+
+    for sig in SIGNAL_REASONS:
+        signal.signal(sig, handler)
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants re-parent to this process (Linux); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+# ---------------------------------------------------------------- /proc helpers
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, pgid) of a process, or None once it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    rest = raw[raw.rfind(")") + 2:].split()
+    return rest[0], int(rest[1]), int(rest[2])
+
+
+def _all_pids() -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+
+def descendants(root: int) -> set[int]:
+    """Every live descendant of ``root`` (by parent links in /proc)."""
+    children: dict[int, list[int]] = {}
+    for pid in _all_pids():
+        st = _stat(pid)
+        if st is not None:
+            children.setdefault(st[1], []).append(pid)
+    out: set[int] = set()
+    todo = [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def group_members(pgid: int) -> set[int]:
+    """Live (non-zombie) processes whose process group is ``pgid``."""
+    out = set()
+    for pid in _all_pids():
+        st = _stat(pid)
+        if st is not None and st[2] == pgid and st[0] != "Z":
+            out.add(pid)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] != "Z"
+
+
+def reap_orphans(keep: Iterable[int] = ()) -> None:
+    """Collect exit statuses of zombie children we did not start ourselves (re-parented orphans).
+
+    ``keep`` are children a Popen object waits for; their status must stay for Popen.
+    """
+    me, skip = os.getpid(), set(keep)
+    for pid in _all_pids():
+        if pid in skip:
+            continue
+        st = _stat(pid)
+        if st is not None and st[0] == "Z" and st[1] == me:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+# ---------------------------------------------------------------- owned processes
+
+
+class OwnedProcess:
+    """A child started in its own session: its process group is this job's alone."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], *,
+                 stdout: IO[Any] | int | None = None, cwd: str | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.popen = subprocess.Popen(self.argv, env=dict(env), stdout=stdout, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
+        self.pid = self.popen.pid
+        self.started = time.monotonic()
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    @property
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def members(self) -> set[int]:
+        """Everything this child started: its process group plus its descendants."""
+        out = group_members(self.pid) | descendants(self.pid)
+        if self.running:
+            out.add(self.pid)
+        return out
+
+    def __repr__(self) -> str:
+        return f"OwnedProcess({self.name!r}, pid={self.pid})"
+
+
+def _signal_all(pgids: Iterable[int], pids: Iterable[int], sig: int) -> None:
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def terminate(procs: Sequence[OwnedProcess], grace: float = 10.0, log_fn: Any = None) -> None:
+    """Stop these children and all they started: SIGTERM, wait up to ``grace`` s, then SIGKILL.
+
+    Also sweeps up orphans re-parented to us (subreaper) so nothing outlives the node program.
+    """
+    procs = [p for p in procs if p is not None]
+    me = os.getpid()
+    pgids = [p.pid for p in procs]
+    targets: set[int] = set()
+    for p in procs:
+        targets |= p.members()
+    targets |= descendants(me) - {p.pid for p in procs if not p.running}
+    _signal_all(pgids, targets, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        for p in procs:
+            p.poll()
+        reap_orphans(keep=[p.pid for p in procs])
+        left = {pid for pid in targets if _alive(pid)}
+        left |= {pid for g in pgids for pid in group_members(g)}
+        if not left:
+            break
+        time.sleep(0.05)
+    else:
+        if log_fn:
+            log_fn(f"processes still alive after {grace:.0f}s: SIGKILL")
+    # SIGKILL whatever is left, including anything started while we waited.
+    for _ in range(3):
+        left = {pid for pid in targets | descendants(me) if _alive(pid)}
+        left |= {pid for g in pgids for pid in group_members(g)}
+        if not left:
+            break
+        _signal_all(pgids, left, signal.SIGKILL)
+        time.sleep(0.1)
+    for p in procs:
+        try:
+            p.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    reap_orphans(keep=[])

@@ -1,0 +1,397 @@
+"""Ray head and worker processes, token auth, and waiting for the cluster to form.
+
+The head runs ``ray start --head --block`` in a process group the node program owns, then
+watches the GCS through ONE in-process client (a cheap gRPC call every fraction of a second, no
+driver, no ``ray status`` subprocess per poll) until the expected number of nodes is alive.
+Workers probe the head's GCS port (a TCP connect costs nothing), then join with jittered
+exponential backoff until a deadline, and confirm the join by finding their own raylet alive in
+the GCS. Every wait has a deadline and names what it was waiting for when it runs out.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slurm_vllm.errors import NodeError
+from slurm_vllm.node.lifecycle import OwnedProcess, Stopper
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], None]
+
+
+# ---------------------------------------------------------------- backoff
+
+
+@dataclass
+class Backoff:
+    """Jittered exponential backoff: delays grow ``factor``-fold up to ``cap``.
+
+    "Equal jitter": each delay is half the nominal value plus a random share of the other half,
+    so retries of many workers spread out but never shrink to zero.
+    """
+
+    initial: float = 0.2
+    factor: float = 2.0
+    cap: float = 2.0
+    rng: random.Random = field(default_factory=random.Random)
+    attempt: int = 0
+
+    def next_delay(self) -> float:
+        nominal = min(self.cap, self.initial * self.factor ** self.attempt)
+        self.attempt += 1
+        return nominal / 2 + self.rng.uniform(0, nominal / 2)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def sleep_until_next(backoff: Backoff, deadline: float, stopper: Stopper | None,
+                     clock: Clock = time.monotonic, sleep: Sleep | None = None) -> bool:
+    """Wait one backoff step (never past ``deadline``); False when stopped or out of time."""
+    delay = min(backoff.next_delay(), deadline - clock())
+    if delay <= 0:
+        return False
+    if sleep is not None:
+        sleep(delay)
+        return not (stopper and stopper.stopped)
+    if stopper is not None:
+        return not stopper.wait(delay)
+    time.sleep(delay)
+    return True
+
+
+# ---------------------------------------------------------------- environment and argv
+
+
+def ray_executable() -> str:
+    """The ``ray`` CLI of the Python running us (a venv's bin), else the one on PATH."""
+    here = Path(sys.executable).parent / "ray"
+    if here.exists():
+        return str(here)
+    found = shutil.which("ray")
+    if not found:
+        raise NodeError(f"node {socket.gethostname()}: the `ray` command is not installed "
+                        f"next to {sys.executable} nor on PATH (pip install 'ray[default]')")
+    return found
+
+
+def ray_env(base: Mapping[str, str], *, node_ip: str, interface: str | None,
+            token_path: Path | None) -> dict[str, str]:
+    """The environment for ``ray start``: Ray's workers inherit it, so vLLM's do too.
+
+    Sets the node's one address for vLLM and the interface for Gloo/NCCL, turns token auth on
+    with the job's token file, turns usage stats off, and makes SIGTERM tear Ray down at once
+    (Ray 2.5x otherwise drains for up to 30 s before stopping its processes).
+    """
+    env = dict(base)
+    env.pop("RAY_ADDRESS", None)
+    env.update({
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        "VLLM_HOST_IP": node_ip,
+    })
+    if interface:
+        env["GLOO_SOCKET_IFNAME"] = interface
+        env["NCCL_SOCKET_IFNAME"] = interface
+    if token_path is not None:
+        env.pop("RAY_AUTH_TOKEN", None)
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
+    return env
+
+
+def count_gpus(env: Mapping[str, str]) -> int | None:
+    """GPUs Slurm gave this node: SLURM_GPUS_ON_NODE, else CUDA_VISIBLE_DEVICES; None: unknown."""
+    value = env.get("SLURM_GPUS_ON_NODE")
+    if value and value.strip().isdigit():
+        return int(value)
+    cvd = env.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        return len([d for d in cvd.split(",") if d.strip() and d.strip() != "-1"])
+    return None
+
+
+def count_cpus(env: Mapping[str, str]) -> int | None:
+    """CPUs Slurm gave this node (so two jobs sharing a node do not both claim all of it)."""
+    value = env.get("SLURM_CPUS_ON_NODE")
+    return int(value) if value and value.strip().isdigit() else None
+
+
+def short_temp_dir(job_id: str, rank: int) -> str:
+    """A per-job, per-node Ray temp dir with a short path (AF_UNIX socket paths max 107 bytes).
+
+    ``/tmp`` rather than ``$TMPDIR``: sites set TMPDIR to long per-job paths.
+    """
+    root = "/tmp" if os.access("/tmp", os.W_OK) else tempfile.gettempdir()
+    path = f"{root}/svl-{job_id}-{rank}"
+    if len(path) > 40:
+        raise NodeError(f"Ray temp dir {path} is too long for socket paths; make /tmp writable")
+    return path
+
+
+def ray_start_argv(*, ray: str, node_ip: str, temp_dir: str, port_args: Sequence[str],
+                   head_address: str | None = None, node_name: str | None = None,
+                   num_gpus: int | None = None, num_cpus: int | None = None,
+                   block: bool = True, extra: Sequence[str] = ()) -> list[str]:
+    """``ray start`` for a head (``head_address`` None) or a worker joining ``head_address``."""
+    argv = [ray, "start"]
+    argv += ["--head"] if head_address is None else [f"--address={head_address}"]
+    argv += [f"--node-ip-address={node_ip}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    if node_name:
+        argv.append(f"--node-name={node_name}")
+    if num_gpus is not None:
+        argv.append(f"--num-gpus={num_gpus}")
+    if num_cpus is not None:
+        argv.append(f"--num-cpus={num_cpus}")
+    argv += list(port_args)
+    argv += list(extra)
+    if block:
+        argv.append("--block")
+    return argv
+
+
+# ---------------------------------------------------------------- probes and the GCS
+
+
+def tcp_open(ip: str, port: int, timeout: float = 0.5) -> bool:
+    """True when something accepts TCP connections at ip:port."""
+    try:
+        with socket.create_connection((ip, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_gcs_open(ip: str, port: int, *, proc: OwnedProcess, timeout: float, stopper: Stopper,
+                  host: str, clock: Clock = time.monotonic) -> bool:
+    """Wait until the head's GCS accepts connections; False when stopped first.
+
+    Raises NodeError if the head process exits or the deadline passes.
+    """
+    deadline = clock() + timeout
+    while not tcp_open(ip, port, timeout=0.2):
+        if not proc.running:
+            raise NodeError(f"node {host}: the Ray head exited with code {proc.poll()} before its GCS "
+                            f"answered on {ip}:{port}")
+        if clock() > deadline:
+            raise NodeError(f"node {host}: the Ray head's GCS did not open {ip}:{port} within {timeout:.0f}s")
+        if stopper.wait(0.1):
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class RayNode:
+    """One node as the GCS reports it."""
+
+    node_id: str
+    name: str
+    hostname: str
+    ip: str
+    port: int
+    alive: bool
+    is_head: bool
+
+
+class GcsWatcher:
+    """One long-lived GCS client for cheap, frequent cluster queries (no driver, no subprocess).
+
+    Creating the client blocks for up to ~40 s when the GCS does not answer, so it is built in
+    a thread with a deadline, and only after a TCP probe found the port open.
+    """
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._client: Any = None
+        self.last_error: str | None = None
+
+    def connect(self, timeout: float = 15.0) -> bool:
+        if self._client is not None:
+            return True
+        box: dict[str, Any] = {}
+
+        def build() -> None:
+            try:
+                from ray._raylet import GcsClient
+
+                box["client"] = GcsClient(address=self.address)
+            except Exception as e:  # noqa: BLE001 - any failure means "not yet"
+                box["error"] = f"{type(e).__name__}: {e}"
+
+        t = threading.Thread(target=build, name="gcs-connect", daemon=True)
+        t.start()
+        t.join(timeout)
+        if "client" in box:
+            self._client = box["client"]
+            return True
+        self.last_error = box.get("error", f"no answer from GCS {self.address} within {timeout:.0f}s")
+        return False
+
+    def nodes(self, timeout: float = 2.0) -> list[RayNode] | None:
+        """Every node the GCS knows (alive and dead); None when the GCS did not answer."""
+        if self._client is None and not self.connect():
+            return None
+        try:
+            infos = self._client.get_all_node_info(timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - RpcError, AuthenticationError, timeouts
+            self.last_error = f"{type(e).__name__}: {e}"
+            return None
+        out = []
+        for node_id, info in infos.items():
+            out.append(RayNode(
+                node_id=node_id.hex() if hasattr(node_id, "hex") else str(node_id),
+                name=info.node_name, hostname=info.node_manager_hostname,
+                ip=info.node_manager_address, port=int(info.node_manager_port),
+                alive=int(info.state) == 0, is_head=bool(info.is_head_node)))
+        return out
+
+
+def alive_nodes(nodes: Sequence[RayNode]) -> list[RayNode]:
+    return [n for n in nodes if n.alive]
+
+
+def missing_hosts(expected: Sequence[str], alive: Sequence[RayNode]) -> list[str]:
+    """Expected hosts with no alive node of that name (node names are Slurm host names)."""
+    seen = {n.name for n in alive} | {n.hostname.split(".")[0] for n in alive}
+    return [h for h in expected if h not in seen]
+
+
+class ClusterTimeout(NodeError):
+    """The head's deadline passed before every node joined; names the missing hosts."""
+
+    def __init__(self, joined: int, expected: int, missing: Sequence[str], waited: float) -> None:
+        self.joined, self.expected, self.missing = joined, expected, list(missing)
+        who = ", ".join(self.missing) if self.missing else "unknown hosts"
+        super().__init__(f"only {joined}/{expected} nodes joined the Ray cluster within {waited:.0f}s; "
+                         f"missing: {who}")
+
+
+def wait_for_nodes(
+    watcher: GcsWatcher,
+    *,
+    expected: int,
+    hosts: Sequence[str],
+    timeout: float,
+    stopper: Stopper,
+    head: OwnedProcess | None = None,
+    on_progress: Callable[[int, list[str]], None] | None = None,
+    poll: float = 0.2,
+    clock: Clock = time.monotonic,
+) -> list[RayNode] | None:
+    """Poll the GCS until ``expected`` nodes are alive; None if stopped; raise on deadline.
+
+    ``on_progress(k, missing)`` is called whenever the alive count changes (and once at first).
+    """
+    start = clock()
+    deadline = start + timeout
+    last: int | None = None
+    alive: list[RayNode] = []
+    while True:
+        if stopper.stopped:
+            return None
+        if head is not None and not head.running:
+            raise NodeError(f"the Ray head process exited (code {head.poll()}) while waiting for nodes")
+        nodes = watcher.nodes(timeout=max(0.2, min(2.0, deadline - clock())))
+        if nodes is not None:
+            alive = alive_nodes(nodes)
+            if len(alive) != last:
+                last = len(alive)
+                if on_progress:
+                    on_progress(len(alive), missing_hosts(hosts[: max(expected, 0)], alive))
+            if len(alive) >= expected:
+                return alive
+        if clock() >= deadline:
+            raise ClusterTimeout(len(alive), expected, missing_hosts(hosts[:expected], alive), clock() - start)
+        stopper.wait(poll)
+
+
+# ---------------------------------------------------------------- worker join
+
+
+class HeadUnreachable(NodeError):
+    """A worker gave up: the head never answered or went away."""
+
+
+@dataclass
+class JoinResult:
+    proc: OwnedProcess
+    attempts: int
+    seconds: float
+
+
+def join_cluster(
+    *,
+    start: Callable[[], OwnedProcess],
+    head_host: str,
+    head_ip: str,
+    gcs_port: int,
+    node_ip: str,
+    node_manager_port: int | None,
+    timeout: float,
+    stopper: Stopper,
+    log: Callable[[str], None],
+    terminate: Callable[[OwnedProcess], None],
+    backoff: Backoff | None = None,
+    attempt_timeout: float = 60.0,
+    clock: Clock = time.monotonic,
+    started_at: float | None = None,
+) -> JoinResult | None:
+    """Join the head at ``head_ip:gcs_port`` before the deadline; None when stopped first.
+
+    Each attempt: wait for the GCS port (TCP probe with backoff), start ``ray start --address
+    --block``, then confirm the join by finding this node's raylet alive in the GCS. An attempt
+    whose process exits is retried after a jittered, growing delay.
+    """
+    backoff = backoff or Backoff()
+    t0 = started_at if started_at is not None else clock()
+    deadline = t0 + timeout
+    address = f"{head_ip}:{gcs_port}"
+    attempts = 0
+    said_waiting = False
+    while True:
+        if stopper.stopped:
+            return None
+        if clock() >= deadline:
+            raise HeadUnreachable(f"head {head_host} never answered at {address} within {timeout:.0f}s "
+                                  f"({attempts} join attempts)")
+        if not tcp_open(head_ip, gcs_port):
+            if not said_waiting:
+                log(f"waiting for the head {head_host} at {address}")
+                said_waiting = True
+            sleep_until_next(backoff, deadline, stopper, clock)
+            continue
+        attempts += 1
+        log(f"joining {address} (attempt {attempts})")
+        proc = start()
+        watcher = GcsWatcher(address)
+        attempt_end = min(deadline, clock() + attempt_timeout)
+        joined = False
+        while not stopper.stopped and clock() < attempt_end and proc.running:
+            nodes = watcher.nodes(timeout=1.0) if watcher.connect(timeout=max(1.0, attempt_end - clock())) else None
+            if nodes is not None and any(
+                n.alive and n.ip == node_ip and (node_manager_port is None or n.port == node_manager_port)
+                for n in nodes
+            ):
+                joined = True
+                break
+            stopper.wait(0.2)
+        if joined:
+            return JoinResult(proc, attempts, clock() - t0)
+        code = proc.poll()
+        terminate(proc)
+        if stopper.stopped:
+            return None
+        why = f"exited with code {code}" if code is not None else "did not register in time"
+        log(f"join attempt {attempts} {why}; retrying")
+        sleep_until_next(backoff, deadline, stopper, clock)
