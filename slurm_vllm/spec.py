@@ -37,7 +37,7 @@ class ModelSection(_Section):
     """The model to serve and the vLLM arguments passed through verbatim."""
 
     name: str = Field(description="Hub id (org/name) or local path of the model (vllm serve MODEL).")
-    served_name: str | None = Field(None, description="Name clients use in requests (--served-model-name).")
+    served_name: str | None = Field(default=None, description="Name clients use in requests (--served-model-name).")
     extra_args: list[str] = Field(
         default_factory=list, description="Extra `vllm serve` arguments, passed through verbatim."
     )
@@ -46,19 +46,19 @@ class ModelSection(_Section):
 class ResourcesSection(_Section):
     """What the job asks Slurm for; each field becomes one ``#SBATCH`` line."""
 
-    nodes: int = Field(1, description="Number of nodes (#SBATCH --nodes).")
-    gpus_per_node: int = Field(1, description="GPUs per node (#SBATCH --gpus-per-node); 0 for CPU-only nodes.")
-    cpus_per_task: int | None = Field(None, description="CPUs for the one task per node (--cpus-per-task).")
-    mem: str | None = Field(None, description="Memory per node, Slurm syntax such as 64G (--mem).")
-    time: str | None = Field(None, description="Time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.")
-    partition: str | None = Field(None, description="Slurm partition (--partition).")
-    account: str | None = Field(None, description="Slurm account (--account).")
-    qos: str | None = Field(None, description="Slurm QOS (--qos).")
-    constraint: str | None = Field(None, description="Node features (--constraint).")
-    exclusive: bool = Field(False, description="Whole nodes only (--exclusive).")
-    job_name: str = Field("vllm", description="Slurm job name; also names the default job directory.")
+    nodes: int = Field(default=1, description="Number of nodes (#SBATCH --nodes).")
+    gpus_per_node: int = Field(default=1, description="GPUs per node (#SBATCH --gpus-per-node); 0 for CPU-only nodes.")
+    cpus_per_task: int | None = Field(default=None, description="CPUs for the one task per node (--cpus-per-task).")
+    mem: str | None = Field(default=None, description="Memory per node, Slurm syntax such as 64G (--mem).")
+    time: str | None = Field(default=None, description="Time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.")
+    partition: str | None = Field(default=None, description="Slurm partition (--partition).")
+    account: str | None = Field(default=None, description="Slurm account (--account).")
+    qos: str | None = Field(default=None, description="Slurm QOS (--qos).")
+    constraint: str | None = Field(default=None, description="Node features (--constraint).")
+    exclusive: bool = Field(default=False, description="Whole nodes only (--exclusive).")
+    job_name: str = Field(default="vllm", description="Slurm job name; also names the default job directory.")
     signal_grace: int = Field(
-        120, description="Seconds before the time limit at which SIGUSR2 asks the job to shut down."
+        default=120, description="Seconds before the time limit at which SIGUSR2 asks the job to shut down."
     )
     sbatch_args: list[str] = Field(
         default_factory=list, description="Extra `--option=value` sbatch options from an allow-list."
@@ -68,25 +68,25 @@ class ResourcesSection(_Section):
 class ParallelSection(_Section):
     """How vLLM splits the model over the allocation's GPUs."""
 
-    tensor_parallel_size: int | None = Field(None, description="Tensor parallel size; default GPUs per node.")
-    pipeline_parallel_size: int | None = Field(None, description="Pipeline parallel size; default nodes.")
+    tensor_parallel_size: int | None = Field(default=None, description="Tensor parallel size; default GPUs per node.")
+    pipeline_parallel_size: int | None = Field(default=None, description="Pipeline parallel size; default nodes.")
     allow_partial: bool = Field(
-        False, description="Allow TP x PP to use fewer GPUs than nodes x gpus_per_node."
+        default=False, description="Allow TP x PP to use fewer GPUs than nodes x gpus_per_node."
     )
 
 
 class RaySection(_Section):
     """Deadlines for forming the Ray cluster inside the job."""
 
-    join_timeout: float = Field(300.0, description="A worker gives up joining the head after this many seconds.")
-    cluster_timeout: float = Field(600.0, description="The head gives up waiting for all nodes after this.")
+    join_timeout: float = Field(default=300.0, description="A worker gives up joining the head after this many seconds.")
+    cluster_timeout: float = Field(default=600.0, description="The head gives up waiting for all nodes after this.")
 
 
 class NetworkSection(_Section):
     """Which network the nodes talk over (default: the route to the head)."""
 
-    interface: str | None = Field(None, description="Network interface name for Ray/NCCL/Gloo, e.g. ib0.")
-    cidr: str | None = Field(None, description="Pick each node's address from this network, e.g. 10.1.0.0/16.")
+    interface: str | None = Field(default=None, description="Network interface name for Ray/NCCL/Gloo, e.g. ib0.")
+    cidr: str | None = Field(default=None, description="Pick each node's address from this network, e.g. 10.1.0.0/16.")
 
 
 class EnvironmentSection(_Section):
@@ -95,25 +95,25 @@ class EnvironmentSection(_Section):
     setup: list[str] = Field(
         default_factory=list, description="Trusted shell lines (e.g. module load), written verbatim."
     )
-    venv: str | None = Field(None, description="Python virtual environment to activate.")
-    container: str | None = Field(None, description="Apptainer/Singularity image to run the node program in.")
+    venv: str | None = Field(default=None, description="Python virtual environment to activate.")
+    container: str | None = Field(default=None, description="Apptainer/Singularity image to run the node program in.")
     container_runtime: Literal["apptainer", "singularity"] = Field(
-        "apptainer", description="Which container command to call."
+        default="apptainer", description="Which container command to call."
     )
     container_binds: list[str] = Field(
         default_factory=list, description="Extra --bind SRC[:DST[:OPTS]] for the container."
     )
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables to export.")
-    python: str = Field("python3", description="Python that runs `-m slurm_vllm node` on each node.")
+    python: str = Field(default="python3", description="Python that runs `-m slurm_vllm node` on each node.")
 
 
 class ServeSection(_Section):
     """The HTTP endpoint vLLM serves."""
 
-    port: int | None = Field(None, description="vLLM API port; default: chosen per job on the head node.")
-    api_key: bool = Field(True, description="Require an API key (generated per job); --no-api-key turns it off.")
+    port: int | None = Field(default=None, description="vLLM API port; default: chosen per job on the head node.")
+    api_key: bool = Field(default=True, description="Require an API key (generated per job); --no-api-key turns it off.")
     ready_timeout: float = Field(
-        3600.0, description="Seconds the head waits for vLLM to load and answer before giving up."
+        default=3600.0, description="Seconds the head waits for vLLM to load and answer before giving up."
     )
 
 
@@ -637,9 +637,9 @@ def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
     errors.extend(check_sbatch_args(r.sbatch_args))
 
     # Ray deadlines.
-    for name, value in (("join_timeout", spec.ray.join_timeout), ("cluster_timeout", spec.ray.cluster_timeout)):
-        if not value > 0:
-            add(SpecError(name, value, "use a positive number of seconds", problem="is not positive"))
+    for name, seconds in (("join_timeout", spec.ray.join_timeout), ("cluster_timeout", spec.ray.cluster_timeout)):
+        if not seconds > 0:
+            add(SpecError(name, seconds, "use a positive number of seconds", problem="is not positive"))
 
     # Network.
     n = spec.network
