@@ -222,6 +222,8 @@ def normalize(data: Mapping[str, Any]) -> dict[str, Any]:
 
     for raw_key, value in data.items():
         key = str(raw_key)
+        if isinstance(value, BaseModel):  # a section object (assignment, or a copied spec)
+            value = value.model_dump()
         if key == "model":
             if isinstance(value, Mapping):
                 for sub, v in value.items():
@@ -332,6 +334,34 @@ class ServeSpec(_Section):
             super().__init__(**data)
         except ValidationError as exc:
             raise _convert(exc) from None
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Assigning a section, a top-level field or a flat name re-validates the whole spec.
+
+        ``spec.nodes = 2`` works like the keyword; an invalid result raises
+        :class:`SpecErrors` and leaves the spec unchanged. (Editing inside a section,
+        ``spec.resources.nodes = 2``, checks that field only; :func:`validate_spec` re-checks
+        the rest, and ``prepare_job`` always does.)
+        """
+        flat = ALIASES.get(name, name)
+        if name not in type(self).model_fields and flat not in FLAT_NAMES and name != "no_api_key":
+            super().__setattr__(name, value)
+            return
+        data = self.model_dump()
+        if isinstance(value, BaseModel):
+            value = value.model_dump()
+        if name in type(self).model_fields:
+            data[name] = value
+        elif name == "no_api_key":
+            data["serve"]["api_key"] = not bool(value)
+        else:
+            section, field = FLAT_NAMES[flat]
+            data[section][field] = value
+        new = type(self).model_validate(data)
+        for field_name in type(self).model_fields:
+            super().__setattr__(field_name, getattr(new, field_name))
 
     @classmethod
     def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> ServeSpec:  # type: ignore[override]

@@ -460,3 +460,17 @@ def test_cli_env_flag_needs_key_value():
 
     with pytest.raises(SpecErrors, match="KEY=VALUE"):
         flags_from_namespace({"env": ["NOEQUALS"]})
+
+
+def test_assignment_revalidates_whole_spec():
+    s = ServeSpec("org/M", nodes=2, gpus_per_node=1)
+    s.nodes = 4  # flat names work on assignment too
+    assert s.resources.nodes == 4 and s.pipeline_parallel_size == 4
+    s.resources = {"nodes": 2, "gpus_per_node": 2}
+    assert s.tensor_parallel_size == 2
+    with pytest.raises(SpecErrors) as info:
+        s.port = 80
+    assert info.value.errors[0].field == "port"
+    assert s.serve.port is None  # unchanged after a refused assignment
+    s.job_dir = "relative/dir"
+    assert Path(s.job_dir).is_absolute()
