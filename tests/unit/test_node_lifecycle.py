@@ -1,0 +1,69 @@
+"""Teardown of owned process groups with real processes (no Ray): nothing may survive."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from slurm_vllm.node import lifecycle
+from slurm_vllm.node.lifecycle import OwnedProcess, Stopper, terminate
+
+# A parent that starts a grandchild which ignores SIGTERM and a daemonised one that leaves the
+# group (setsid) - the cases `kill <pid>` alone would miss.
+SCRIPT = r"""
+import os, signal, subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    st = lifecycle._stat(pid)
+    return st is not None and st[0] != "Z"
+
+
+def test_terminate_kills_group_descendants_and_stubborn_ones(tmp_path):
+    out = tmp_path / "out"
+    with open(out, "w") as f:
+        p = OwnedProcess("tree", [sys.executable, "-c", SCRIPT], os.environ, stdout=f)
+    deadline = time.time() + 30
+    while "ready" not in out.read_text() and time.time() < deadline:
+        time.sleep(0.05)
+    members = p.members()
+    assert len(members) >= 3, members
+    assert os.getpgid(p.pid) == p.pid != os.getpgid(0)
+    t0 = time.monotonic()
+    terminate([p], grace=1.0)
+    assert time.monotonic() - t0 < 5
+    time.sleep(0.2)
+    assert not [m for m in members if _alive(m)]
+    assert p.poll() is not None
+
+
+def test_terminate_is_quick_for_well_behaved_children():
+    p = OwnedProcess("sleep", ["sleep", "600"], os.environ)
+    t0 = time.monotonic()
+    terminate([p], grace=10.0)
+    assert time.monotonic() - t0 < 2
+    assert p.poll() == -signal.SIGTERM
+
+
+def test_signal_reasons_and_stopper():
+    s = Stopper()
+    lifecycle.install_signal_handlers(s)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert s.wait(2.0)
+        assert s.reason == "time limit" and not s.failed
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal does not change the reason
+        assert s.reason == "time limit"
+    finally:
+        for sig in lifecycle.SIGNAL_REASONS:
+            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+    f = Stopper()
+    f.fail("node x left")
+    assert f.failed and f.reason == "node x left"
