@@ -659,8 +659,8 @@ def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
         add(SpecError("signal_grace", r.signal_grace, "use 1..65535 seconds (e.g. 120)", problem="is out of range"))
     if not r.job_name.strip():
         add(SpecError("job_name", r.job_name, "give a non-empty job name", problem="is empty"))
-    for name in ("job_name", "partition", "account", "qos", "constraint"):
-        value = getattr(r, name)
+    for name in ("job_name", "partition", "account", "qos", "constraint", "job_dir"):
+        value = spec.job_dir if name == "job_dir" else getattr(r, name)
         if value is not None and any(w in value.lower() for w in ("hetjob", "packjob")):
             add(SpecError(name, value, "choose a value without 'hetjob'/'packjob' (sbatch reads them as "
                                        "a job separator)", problem="cannot be written on an #SBATCH line"))

@@ -397,6 +397,7 @@ def test_sbatch_args_allowed():
     ("backend", "slurm", "'ray' (default) or 'mp'"),
     ("exclusive", "maybe", "true or false"),
     ("job_name", "my-hetjob", "hetjob"),
+    ("job_dir", "/scratch/packjob-runs", "packjob"),
 ])
 def test_other_rules(field, value, word):
     errs = errors_of("org/M", **{field: value})
