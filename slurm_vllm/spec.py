@@ -719,6 +719,10 @@ def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
             add(SpecError("job_dir", spec.job_dir,
                           "choose a path without a backslash (Slurm's --output patterns stop "
                           "substituting %j/%t when the path holds one)", problem="holds a backslash"))
+        if e.container and any(c in spec.job_dir for c in ":,"):
+            add(SpecError("job_dir", spec.job_dir,
+                          "choose a path without ':' or ',' (the job directory is bound into the "
+                          "container with --bind, which splits on them)", problem="cannot be bound"))
         if spec.job_dir.strip() == "":
             add(SpecError("job_dir", spec.job_dir, "give a path or leave it unset", problem="is empty"))
 

@@ -475,3 +475,9 @@ def test_assignment_revalidates_whole_spec():
     assert s.serve.port is None  # unchanged after a refused assignment
     s.job_dir = "relative/dir"
     assert Path(s.job_dir).is_absolute()
+
+
+def test_job_dir_with_colon_refused_with_container():
+    err = one_error("job_dir", "org/M", job_dir="/scratch/a:b", container="docker://org/img:1")
+    assert "--bind" in err.fix
+    assert ServeSpec("org/M", job_dir="/scratch/a:b").job_dir == "/scratch/a:b"
