@@ -433,7 +433,8 @@ class Job:
     def endpoint(self) -> Endpoint:
         """The published endpoint; raises :class:`EndpointNotReadyError` before the job wrote one."""
         ep = self.jobdir.read_endpoint()
-        if not ep or (self.job_id and str(ep.get("job_id", self.job_id)) != str(self.job_id)):
+        ep_job = ep.get("job_id") if ep else None
+        if not ep or (self.job_id and ep_job is not None and str(ep_job) != str(self.job_id)):
             phase = self._last.summary() if self._last else "unknown"
             raise EndpointNotReadyError(f"job {self.job_id} has no endpoint yet (last seen: {phase}); wait for it first")
         port = ep.get("port")
