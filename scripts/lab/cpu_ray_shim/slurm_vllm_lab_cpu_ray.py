@@ -13,7 +13,8 @@ be too late) patches two things as soon as vLLM imports them:
 * ``vllm.platforms.cpu.CpuPlatform.ray_device_key`` becomes the custom Ray resource that the
   lab gives each raylet (``SLURM_VLLM_LAB_CPU_RAY_RESOURCE``, default ``vllm_cpu``; the raylet
   gets it from ``RAY_OVERRIDE_RESOURCES='{"vllm_cpu": 1}'``), so placement groups ask for it.
-* ``RayWorkerWrapper.get_node_and_physical_gpu_ids`` returns one device (id 0) instead of
+* the Ray worker classes' ``get_node_and_physical_gpu_ids`` (``RayWorkerWrapper`` and
+  ``RayWorkerProc``) return one device (id 0) instead of
   reading Ray's accelerator ids, which know nothing about a custom resource.
 
 Unset (or any other value), the module does nothing beyond reading one variable.
@@ -39,8 +40,8 @@ def _patch_platform(module: Any) -> None:
     module.CpuPlatform.ray_device_key = _resource()
 
 
-def _patch_ray_utils(module: Any) -> None:
-    wrapper = getattr(module, "RayWorkerWrapper", None)
+def _patch_worker_class(module: Any, class_name: str) -> None:
+    wrapper = getattr(module, class_name, None)
     if wrapper is None:  # ray not importable in this process: nothing to place
         return
 
@@ -54,7 +55,10 @@ def _patch_ray_utils(module: Any) -> None:
 
 PATCHES: dict[str, Callable[[Any], None]] = {
     "vllm.platforms.cpu": _patch_platform,
-    "vllm.v1.executor.ray_utils": _patch_ray_utils,
+    # the classic Ray executor's worker ...
+    "vllm.v1.executor.ray_utils": lambda m: _patch_worker_class(m, "RayWorkerWrapper"),
+    # ... and RayExecutorV2's (the default in 0.32: VLLM_USE_RAY_V2_EXECUTOR_BACKEND=1)
+    "vllm.v1.executor.ray_executor_v2": lambda m: _patch_worker_class(m, "RayWorkerProc"),
 }
 
 

@@ -1,0 +1,542 @@
+"""The final step on the nodes: run ``vllm serve``, measure readiness, publish the endpoint.
+
+The head builds the ``vllm serve`` command from the spec, starts it in a process group of its
+own (so stopping it stops every process vLLM spawned), and polls ``/health`` and
+``/v1/models`` on the head's own address until both answer. Only then is ``endpoint.json``
+written (atomically, 0600) and the phase set to READY: readiness is measured, never guessed
+from log text. If vLLM exits, the job ends FAILED with the exit code and the last lines of
+vLLM's log; if the node program is told to stop (scancel, time-limit warning), vLLM gets
+SIGTERM, a bounded wait, then SIGKILL, and the job ends ENDED.
+
+The API key reaches vLLM through the ``VLLM_API_KEY`` environment variable, never through the
+command line, so it does not show in ``ps``, in logs or in the batch script.
+
+Two backends share this machinery:
+
+* ``ray`` (default): the node program has formed a Ray cluster; the head runs
+  ``vllm serve ... --distributed-executor-backend ray`` with ``RAY_ADDRESS`` set, and vLLM
+  places its workers on the raylets (:func:`run_head_serving`).
+* ``mp``: vLLM's own multi-node mode; every node runs ``vllm serve ... --nnodes N --node-rank R
+  --master-addr HEAD --master-port P``, ranks other than 0 with ``--headless``
+  (:func:`run_mp_node`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence
+
+from slurm_vllm import spec as spec_mod
+from slurm_vllm.errors import SpecErrors
+from slurm_vllm.jobdir import ENDED, FAILED, LOADING_MODEL, READY, JobDir, read_json, write_json, write_state
+from slurm_vllm.spec import ServeSpec
+
+#: How many lines of vLLM's log go into state.json when it fails.
+LOG_TAIL_LINES = 30
+#: Default time allowed for loading before the job gives up (large models load for a long time).
+DEFAULT_READY_TIMEOUT = 3600.0
+#: Seconds vLLM gets after SIGTERM before its process group is killed.
+STOP_GRACE = 30.0
+POLL_INTERVAL = 2.0
+
+
+class NodeContext(Protocol):
+    """What this module reads of the node program's context (``node/main.py``'s NodeContext).
+
+    ``ports.api`` is the planned vLLM API port, ``ports.mp_master_port`` vLLM's rendezvous
+    port for the mp backend; ``ray_address`` and ``stop_reason`` are read when present.
+    """
+
+    spec: ServeSpec
+    jobdir: JobDir
+    rank: int
+    num_nodes: int
+    head_host: str
+    head_ip: str
+    ip: str
+    ports: Any
+    env: dict[str, str]
+    stop_event: threading.Event
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def check_extra_args(spec: ServeSpec) -> None:
+    """Refuse extra vLLM arguments that fight the flags set here (the spec refuses them first;
+    this is the last guard before a process starts, for specs edited after validation)."""
+    errors = spec_mod.check_extra_args(spec)
+    if errors:
+        raise SpecErrors(errors)
+
+
+def vllm_executable(env: Mapping[str, str] | None = None) -> list[str]:
+    """The ``vllm`` command: from PATH (the job's venv/container), else next to this Python."""
+    path = (env or os.environ).get("PATH")
+    found = shutil.which("vllm", path=path)
+    if found:
+        return [found]
+    beside = Path(sys.executable).with_name("vllm")
+    if beside.exists():
+        return [str(beside)]
+    return ["vllm"]
+
+
+def build_serve_argv(
+    spec: ServeSpec,
+    *,
+    host: str,
+    port: int,
+    backend: str | None = None,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    executable: Sequence[str] = ("vllm",),
+) -> list[str]:
+    """The ``vllm serve`` argv for one node; no secret appears in it.
+
+    ``backend`` ``ray``: one command on the head. ``mp``: one command per node, ranks other
+    than 0 headless (they serve no API; rank 0 does).
+    """
+    backend = backend or spec.backend
+    check_extra_args(spec)
+    tp, pp = spec.tensor_parallel_size, spec.pipeline_parallel_size
+    argv = [*executable, "serve", spec.model.name]
+    argv += ["--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
+    if backend == "ray":
+        argv += ["--distributed-executor-backend", "ray"]
+    elif backend == "mp":
+        if master_addr is None or master_port is None:
+            raise ValueError("the mp backend needs master_addr and master_port")
+        argv += [
+            "--nnodes", str(nnodes),
+            "--node-rank", str(node_rank),
+            "--master-addr", master_addr,
+            "--master-port", str(master_port),
+        ]
+        if node_rank != 0:
+            argv.append("--headless")
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+    if backend == "ray" or node_rank == 0:
+        argv += ["--host", host, "--port", str(port)]
+        if spec.model.served_name:
+            argv += ["--served-model-name", spec.model.served_name]
+    argv += list(spec.model.extra_args)
+    return argv
+
+
+def serve_env(
+    base: Mapping[str, str],
+    extra: Mapping[str, str],
+    *,
+    api_key: str | None,
+    ray_address: str | None = None,
+) -> dict[str, str]:
+    """vLLM's environment: the node's, the node program's additions, the key, Ray's address."""
+    env = dict(base)
+    env.update(extra)
+    env.pop("VLLM_API_KEY", None)  # only the job's own key, never one leaked from a shell
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return env
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def launch(argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a new session (its own process group), output appended to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"--- slurm_vllm: starting {' '.join(argv)}\n".encode())
+        log.flush()
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            start_new_session=True,
+        )
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float = STOP_GRACE) -> int | None:
+    """SIGTERM the process group, wait up to ``grace`` seconds, then SIGKILL it.
+
+    The group is signalled even after its leader exited: vLLM's engine and worker processes
+    share it and must not outlive the job.
+    """
+    pgid = proc.pid  # start_new_session: the leader's pid is the group id
+    _signal_group(pgid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + grace
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _group_alive(pgid) or proc.poll() is None:
+        _signal_group(pgid, signal.SIGKILL)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    return proc.returncode
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log file ('' when it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 256 * 1024))
+            tail = deque(f.read().decode("utf-8", "replace").splitlines(), maxlen=lines)
+    except FileNotFoundError:
+        return ""
+    return "\n".join(tail)
+
+
+def exit_reason(returncode: int | None, during: str) -> str:
+    """A sentence for state.json: how vLLM ended, in words a user can act on."""
+    if returncode is None:
+        return f"vllm did not exit {during}"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"vllm was killed by {name} {during}"
+    return f"vllm exited with code {returncode} {during}"
+
+
+def error_summary(tail: str) -> str:
+    """The most telling line of vLLM's log tail: its last error line, if any."""
+    for line in reversed(tail.splitlines()):
+        text = line.strip()
+        if text and ("Error" in text or "error:" in text) and not text.startswith("File "):
+            return text[-300:]
+    return ""
+
+
+# --------------------------------------------------------------------------- readiness
+
+
+def _get(url: str, api_key: str | None, timeout: float) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (http only, our own URL)
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, b""
+
+
+def probe(base: str, api_key: str | None, timeout: float = 5.0) -> str | None:
+    """Return the served model id when ``/health`` and ``/v1/models`` both answer, else None."""
+    try:
+        status, _ = _get(f"{base}/health", None, timeout)
+        if status != 200:
+            return None
+        status, body = _get(f"{base}/v1/models", api_key, timeout)
+        if status != 200:
+            return None
+        data = json.loads(body or b"{}").get("data") or []
+    except (OSError, ValueError):
+        return None
+    if not data:
+        return None
+    return str(data[0].get("id") or "")
+
+
+@dataclass
+class Outcome:
+    """How waiting ended: ``ready`` (with the model id), ``exited``, ``stopped`` or ``timeout``."""
+
+    kind: str
+    model: str | None = None
+    returncode: int | None = None
+
+
+def wait_ready(
+    proc: subprocess.Popen[bytes],
+    base: str,
+    api_key: str | None,
+    stop_event: threading.Event,
+    timeout: float,
+    poll: float | None = None,
+) -> Outcome:
+    """Poll the endpoint until it answers, vLLM exits, a stop is asked for, or time runs out."""
+    poll = POLL_INTERVAL if poll is None else poll
+    deadline = time.monotonic() + timeout
+    while True:
+        rc = proc.poll()
+        if rc is not None:
+            return Outcome("exited", returncode=rc)
+        if stop_event.is_set():
+            return Outcome("stopped")
+        model = probe(base, api_key, timeout=min(5.0, max(poll, 1.0)))
+        if model is not None:
+            return Outcome("ready", model=model)
+        if time.monotonic() >= deadline:
+            return Outcome("timeout")
+        stop_event.wait(poll)
+
+
+def supervise(proc: subprocess.Popen[bytes], stop_event: threading.Event, poll: float = 1.0) -> Outcome:
+    """Wait while vLLM serves: until it exits or the node program is told to stop."""
+    while True:
+        rc = proc.poll()
+        if rc is not None:
+            return Outcome("exited", returncode=rc)
+        if stop_event.wait(poll):
+            return Outcome("stopped")
+
+
+# --------------------------------------------------------------------------- the head's job
+
+
+def _port(ctx: Any, names: Sequence[str], default: int | None = None) -> int | None:
+    """Read a planned port from the node context (``ctx.ports.<name>`` or ``ctx.<name>``)."""
+    for holder in (getattr(ctx, "ports", None), ctx):
+        if holder is None:
+            continue
+        for name in names:
+            value = holder.get(name) if isinstance(holder, Mapping) else getattr(holder, name, None)
+            if value:
+                return int(value)
+    return default
+
+
+def api_port(ctx: Any) -> int:
+    port = _port(ctx, ("api", "api_port")) or ctx.spec.serve.port
+    if not port:
+        raise ValueError("no vLLM API port planned for this job")
+    return int(port)
+
+
+def ray_address(ctx: Any) -> str | None:
+    """The Ray cluster vLLM attaches to: the context's, the environment's, or head IP + GCS port."""
+    explicit = getattr(ctx, "ray_address", None) or (ctx.env or {}).get("RAY_ADDRESS")
+    if explicit:
+        return str(explicit)
+    gcs = _port(ctx, ("gcs_port", "ray_port", "gcs"))
+    return f"{ctx.head_ip}:{gcs}" if gcs else None
+
+
+def _job_id(ctx: Any) -> str | None:
+    return os.environ.get("SLURM_JOB_ID") or ctx.jobdir.read_job_id()
+
+
+def _api_key(ctx: Any) -> str | None:
+    if not ctx.spec.serve.api_key:
+        return None
+    key = ctx.jobdir.read_secret(ctx.jobdir.api_key)
+    if key is None:
+        raise FileNotFoundError(f"{ctx.jobdir.api_key} is missing; the job was rendered with an API key")
+    return key
+
+
+def _ready_timeout(ctx: Any) -> float:
+    return float(ctx.spec.serve.ready_timeout or DEFAULT_READY_TIMEOUT)
+
+
+def write_endpoint(jobdir: JobDir, *, ip: str, port: int, model: str, host: str, job_id: str | None) -> dict[str, Any]:
+    """Publish the endpoint (0600: it sits next to the key and names where to use it)."""
+    endpoint = {
+        "base_url": f"http://{ip}:{port}/v1",
+        "model": model,
+        "host": host,
+        "port": port,
+        "job_id": job_id,
+    }
+    write_json(jobdir.endpoint, endpoint, mode=0o600)
+    return endpoint
+
+
+def _stop_reason(ctx: Any) -> str:
+    return str(getattr(ctx, "stop_reason", None) or "stopped")
+
+
+def serve_and_watch(
+    ctx: Any,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    ip: str,
+    port: int,
+    api_key: str | None,
+    log_path: Path,
+) -> int:
+    """Start vLLM, wait for readiness, publish it, and watch until it ends; returns an exit code.
+
+    0 when stopped on request (ENDED), 1 when vLLM failed or never became ready (FAILED), so
+    ``srun --kill-on-bad-exit`` ends the other nodes.
+    """
+    jobdir: JobDir = ctx.jobdir
+    job_id = _job_id(ctx)
+    write_state(jobdir, LOADING_MODEL, job_id=job_id, reason=None, log_tail=None)
+    started = time.monotonic()
+    proc = launch(argv, env, log_path)
+    base = f"http://{ip}:{port}"
+    try:
+        outcome = wait_ready(proc, base, api_key, ctx.stop_event, _ready_timeout(ctx))
+        if outcome.kind == "ready":
+            model = outcome.model or ctx.spec.model.served_name or ctx.spec.model.name
+            write_endpoint(jobdir, ip=ip, port=port, model=model, host=ctx.head_host, job_id=job_id)
+            write_state(jobdir, READY, load_seconds=round(time.monotonic() - started, 1))
+            print(f"slurm_vllm: vLLM ready at {base}/v1 after {time.monotonic() - started:.0f} s", flush=True)
+            outcome = supervise(proc, ctx.stop_event)
+            during = "while serving"
+        else:
+            during = "while loading the model"
+        if outcome.kind == "stopped":
+            stop_group(proc)
+            write_state(jobdir, ENDED, reason=_stop_reason(ctx))
+            return 0
+        if outcome.kind == "timeout":
+            stop_group(proc)
+            reason = f"vllm was not ready after {_ready_timeout(ctx):.0f} s"
+        else:
+            stop_group(proc, grace=5.0)  # the leader is gone; its children must not stay
+            reason = exit_reason(outcome.returncode, during)
+        tail = log_tail(log_path)
+        summary = error_summary(tail)
+        if summary:
+            reason = f"{reason}: {summary}"
+        write_state(jobdir, FAILED, reason=reason, log_tail=tail, exit_code=outcome.returncode)
+        print(f"slurm_vllm: {reason}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if proc.poll() is None:
+            stop_group(proc)
+
+
+def run_head_serving(ctx: NodeContext) -> int:
+    """Ray backend, on the head after all nodes joined: run vLLM on the cluster until the end."""
+    port = api_port(ctx)
+    key = _api_key(ctx)
+    argv = build_serve_argv(
+        ctx.spec,
+        host=ctx.head_ip,
+        port=port,
+        backend="ray",
+        executable=vllm_executable(ctx.env or None),
+    )
+    env = serve_env(os.environ, ctx.env, api_key=key, ray_address=ray_address(ctx))
+    return serve_and_watch(ctx, argv, env, ip=ctx.head_ip, port=port, api_key=key, log_path=ctx.jobdir.vllm_log)
+
+
+def mp_log_path(jobdir: JobDir, rank: int) -> Path:
+    """vLLM's log for one node of the mp backend (rank 0's is the usual ``vllm.log``)."""
+    return jobdir.vllm_log if rank == 0 else jobdir.logs / f"vllm-{rank}.log"
+
+
+def master_port(ctx: Any) -> int:
+    port = _port(ctx, ("mp_master_port", "master_port", "vllm_master_port"))
+    if not port:
+        raise ValueError("no vLLM master port planned for this job (--backend mp)")
+    return port
+
+
+def _restart_count() -> int:
+    value = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return int(value) if value.isdigit() else 0
+
+
+def wait_head_published(ctx: Any, timeout: float, poll: float = 0.5) -> dict[str, Any] | None:
+    """Read ``head.json`` of this job run, waiting for the head to write it.
+
+    mp ranks other than 0 need the head's address and rendezvous port; each node plans its own
+    ports, so only the head knows the one it listens on. None when stopped first; raises
+    TimeoutError past ``timeout``.
+    """
+    job_id = _job_id(ctx)
+    deadline = time.monotonic() + timeout
+    while True:
+        info = read_json(ctx.jobdir.head)
+        if (
+            info
+            and (job_id is None or str(info.get("job_id")) == str(job_id))
+            and int(info.get("restart", 0) or 0) == _restart_count()
+        ):
+            return info
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"the head never published {ctx.jobdir.head} within {timeout:.0f} s")
+        if ctx.stop_event.wait(poll):
+            return None
+
+
+def run_mp_node(ctx: NodeContext) -> int:
+    """mp backend, on every node: rank 0 serves the API, the others run headless."""
+    if ctx.rank == 0:
+        addr, mport, port = ctx.head_ip, master_port(ctx), api_port(ctx)
+    else:
+        info = wait_head_published(ctx, timeout=float(ctx.spec.ray.join_timeout))
+        if info is None:
+            return 0
+        addr, mport, port = str(info["ip"]), int(info["gcs_port"]), int(info["api_port"])
+    key = _api_key(ctx) if ctx.rank == 0 else None
+    argv = build_serve_argv(
+        ctx.spec,
+        host=addr,
+        port=port,
+        backend="mp",
+        nnodes=ctx.num_nodes,
+        node_rank=ctx.rank,
+        master_addr=addr,
+        master_port=mport,
+        executable=vllm_executable(ctx.env or None),
+    )
+    env = serve_env(os.environ, ctx.env, api_key=key)
+    log_path = mp_log_path(ctx.jobdir, ctx.rank)
+    if ctx.rank == 0:
+        return serve_and_watch(ctx, argv, env, ip=addr, port=port, api_key=key, log_path=log_path)
+    # A headless rank serves no API: it runs until vLLM ends or the node program stops it.
+    # (It does not notice on its own when rank 0 stops; the job's end or srun stops it.)
+    proc = launch(argv, env, log_path)
+    try:
+        outcome = supervise(proc, ctx.stop_event)
+        if outcome.kind == "stopped":
+            stop_group(proc)
+            return 0
+        stop_group(proc, grace=5.0)
+        reason = exit_reason(outcome.returncode, f"on node rank {ctx.rank}")
+        summary = error_summary(log_tail(log_path))
+        print(f"slurm_vllm: {reason}{': ' + summary if summary else ''}", file=sys.stderr, flush=True)
+        return 0 if outcome.returncode == 0 else 1
+    finally:
+        if proc.poll() is None:
+            stop_group(proc)

@@ -1,0 +1,418 @@
+"""The serving step without vLLM: command lines, readiness, endpoint, failure and stop paths.
+
+The ``vllm`` executable is replaced at the process boundary by a small Python HTTP server that
+behaves like vLLM's API on the points the head relies on (``/health``; ``/v1/models`` behind a
+bearer key taken from ``VLLM_API_KEY``), or by one that dies the way a broken model does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from slurm_vllm.errors import SpecErrors
+from slurm_vllm.jobdir import ENDED, FAILED, READY, JobDir
+from slurm_vllm.node import serve
+from slurm_vllm.spec import ServeSpec
+
+KEY = "s3cret-key-for-tests"
+
+FAKE_VLLM = r'''#!{python}
+"""Stands in for `vllm serve`: answers like vLLM's API after a delay, or fails like a bad model."""
+import http.server, json, os, subprocess, sys, time
+
+argv = sys.argv[1:]
+with open(os.environ["FAKE_ARGV_FILE"], "w") as f:
+    json.dump({{"argv": argv, "has_key": "VLLM_API_KEY" in os.environ}}, f)
+mode = os.environ.get("FAKE_MODE", "serve")
+child = subprocess.Popen(["sleep", "300"])  # a vLLM child process (engine/worker) in the group
+with open(os.environ["FAKE_PIDS_FILE"], "w") as f:
+    f.write(f"{{os.getpid()}} {{child.pid}}\n")
+print("INFO starting fake vllm", flush=True)
+time.sleep(float(os.environ.get("FAKE_DELAY", "0.5")))
+if mode == "fail":
+    print("Traceback (most recent call last):", flush=True)
+    print("ValueError: The checkpoint has model type `bogus` but Transformers does not know it", flush=True)
+    sys.exit(3)
+if mode == "crash-later":
+    pass
+host = argv[argv.index("--host") + 1]
+port = int(argv[argv.index("--port") + 1])
+key = os.environ.get("VLLM_API_KEY")
+model = argv[argv.index("--served-model-name") + 1] if "--served-model-name" in argv else argv[1]
+
+
+class H(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        if self.path == "/health":
+            self.send_response(200); self.end_headers(); return
+        if self.path == "/v1/models":
+            if key and self.headers.get("Authorization") != f"Bearer {{key}}":
+                self.send_response(401); self.end_headers(); return
+            body = json.dumps({{"data": [{{"id": model}}]}}).encode()
+            self.send_response(200); self.end_headers(); self.wfile.write(body); return
+        self.send_response(404); self.end_headers()
+
+
+srv = http.server.HTTPServer((host, port), H)
+if mode == "crash-later":
+    import threading
+    threading.Timer(1.5, lambda: os._exit(7)).start()
+srv.serve_forever()
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie child of this test process counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# --------------------------------------------------------------------------- command lines
+
+
+def test_ray_command_has_parallel_sizes_backend_address_and_no_key() -> None:
+    spec = ServeSpec("org/tiny", nodes=2, gpus_per_node=4, served_name="tiny",
+                     extra_args=["--max-model-len", "256", "--dtype", "float32"])
+    argv = serve.build_serve_argv(spec, host="10.0.0.5", port=23456, executable=["/venv/bin/vllm"])
+    assert argv[:3] == ["/venv/bin/vllm", "serve", "org/tiny"]
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "4"  # default: GPUs per node
+    assert argv[argv.index("--pipeline-parallel-size") + 1] == "2"  # default: nodes
+    assert argv[argv.index("--distributed-executor-backend") + 1] == "ray"
+    assert argv[argv.index("--host") + 1] == "10.0.0.5"
+    assert argv[argv.index("--port") + 1] == "23456"
+    assert argv[argv.index("--served-model-name") + 1] == "tiny"
+    assert argv[-4:] == ["--max-model-len", "256", "--dtype", "float32"]  # the user's, verbatim, last
+    assert "--api-key" not in argv and "--nnodes" not in argv and "--headless" not in argv
+
+
+def test_explicit_parallel_sizes_win_over_defaults() -> None:
+    spec = ServeSpec("org/tiny", nodes=2, gpus_per_node=1, tensor_parallel_size=1, pipeline_parallel_size=2)
+    argv = serve.build_serve_argv(spec, host="h", port=1)
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "1"
+    assert argv[argv.index("--pipeline-parallel-size") + 1] == "2"
+
+
+def test_mp_rank0_serves_api_and_other_ranks_are_headless() -> None:
+    spec = ServeSpec("org/tiny", nodes=2, gpus_per_node=1, backend="mp", extra_args=["--dtype", "float32"])
+    head = serve.build_serve_argv(spec, host="10.0.0.5", port=23456, nnodes=2, node_rank=0,
+                                  master_addr="10.0.0.5", master_port=20001)
+    other = serve.build_serve_argv(spec, host="10.0.0.5", port=23456, nnodes=2, node_rank=1,
+                                   master_addr="10.0.0.5", master_port=20001)
+    for argv, rank in ((head, "0"), (other, "1")):
+        assert argv[argv.index("--nnodes") + 1] == "2"
+        assert argv[argv.index("--node-rank") + 1] == rank
+        assert argv[argv.index("--master-addr") + 1] == "10.0.0.5"
+        assert argv[argv.index("--master-port") + 1] == "20001"
+        assert "--distributed-executor-backend" not in argv
+        assert argv[-2:] == ["--dtype", "float32"]
+    assert "--headless" not in head and head[head.index("--port") + 1] == "23456"
+    assert "--headless" in other and "--port" not in other and "--host" not in other
+
+
+def test_mp_needs_a_master_address() -> None:
+    spec = ServeSpec("org/tiny", nodes=2, gpus_per_node=1, backend="mp")
+    with pytest.raises(ValueError):
+        serve.build_serve_argv(spec, host="h", port=1, nnodes=2, node_rank=0)
+
+
+@pytest.mark.parametrize("extra", [["--port=9000"], ["--tensor-parallel-size", "8"], ["-tp", "2"],
+                                   ["--api-key", "x"], ["--distributed_executor_backend", "mp"],
+                                   ["--headless"], ["--host", "0.0.0.0"]])
+def test_conflicting_extra_args_are_refused_even_after_validation(extra: list[str]) -> None:
+    spec = ServeSpec("org/tiny", nodes=1, gpus_per_node=1)
+    spec.model.extra_args = extra  # edited after the spec was validated
+    with pytest.raises(SpecErrors) as err:
+        serve.build_serve_argv(spec, host="h", port=1)
+    assert "set by the tool" in str(err.value)
+
+
+def test_key_goes_through_the_environment_only() -> None:
+    env = serve.serve_env({"PATH": "/bin", "VLLM_API_KEY": "leaked-from-shell"}, {"VLLM_HOST_IP": "10.0.0.5"},
+                          api_key=KEY, ray_address="10.0.0.5:20000")
+    assert env["VLLM_API_KEY"] == KEY and env["RAY_ADDRESS"] == "10.0.0.5:20000"
+    assert env["VLLM_HOST_IP"] == "10.0.0.5" and env["PATH"] == "/bin"
+    no_key = serve.serve_env({"VLLM_API_KEY": "leaked-from-shell"}, {}, api_key=None)
+    assert "VLLM_API_KEY" not in no_key and "RAY_ADDRESS" not in no_key
+
+
+def test_exit_reasons_and_error_summary() -> None:
+    assert serve.exit_reason(3, "while loading the model") == "vllm exited with code 3 while loading the model"
+    assert "SIGKILL" in serve.exit_reason(-9, "while serving")
+    tail = "INFO x\nTraceback (most recent call last):\n  File \"a.py\"\nValueError: bad config\nINFO bye"
+    assert serve.error_summary(tail) == "ValueError: bad config"
+    assert serve.error_summary("INFO all fine") == ""
+
+
+def test_log_tail_keeps_the_last_lines(tmp_path: Path) -> None:
+    log = tmp_path / "vllm.log"
+    log.write_text("".join(f"line {i}\n" for i in range(100)))
+    tail = serve.log_tail(log, 30).splitlines()
+    assert tail[0] == "line 70" and tail[-1] == "line 99" and len(tail) == 30
+    assert serve.log_tail(tmp_path / "missing.log") == ""
+
+
+# --------------------------------------------------------------------------- the head's run
+
+
+@pytest.fixture
+def head(tmp_path: Path) -> SimpleNamespace:
+    """A job directory, a fake `vllm` on PATH, and a node context for the head."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "vllm"
+    fake.write_text(FAKE_VLLM.format(python=sys.executable))
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    jobdir = JobDir(tmp_path / "job").create()
+    jobdir.write_secret(jobdir.api_key, KEY)
+    (jobdir.job_id_file).write_text("4242\n")
+    spec = ServeSpec("org/tiny", nodes=2, gpus_per_node=1, served_name="tiny", ready_timeout=30)
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_ARGV_FILE": str(tmp_path / "argv.json"),
+        "FAKE_PIDS_FILE": str(tmp_path / "pids"),
+    }
+    ctx = SimpleNamespace(
+        spec=spec, jobdir=jobdir, rank=0, num_nodes=2, head_host="node-a", head_ip="127.0.0.1",
+        ip="127.0.0.1", ports=SimpleNamespace(api=free_port(), mp_master_port=free_port()), env=env,
+        stop_event=threading.Event(), ray_address="127.0.0.1:6380", stop_reason=None,
+    )
+    return SimpleNamespace(ctx=ctx, tmp=tmp_path, jobdir=jobdir)
+
+
+@pytest.fixture(autouse=True)
+def fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve, "POLL_INTERVAL", 0.2)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+
+
+def _run_in_thread(fn, ctx) -> tuple[threading.Thread, dict]:  # type: ignore[no-untyped-def]
+    result: dict = {}
+
+    def target() -> None:
+        result["rc"] = fn(ctx)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, result
+
+
+def _wait_phase(jobdir: JobDir, phase: str, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = jobdir.read_state() or {}
+        if state.get("phase") == phase:
+            return state
+        time.sleep(0.1)
+    raise AssertionError(f"phase {phase} not reached; state: {jobdir.read_state()}")
+
+
+def _pids(tmp: Path) -> list[int]:
+    return [int(p) for p in (tmp / "pids").read_text().split()]
+
+
+def test_ready_writes_endpoint_then_stop_ends_and_leaves_no_process(head: SimpleNamespace) -> None:
+    ctx, jobdir = head.ctx, head.jobdir
+    thread, result = _run_in_thread(serve.run_head_serving, ctx)
+    state = _wait_phase(jobdir, READY)
+    assert state["job_id"] == "4242"
+
+    endpoint = json.loads(jobdir.endpoint.read_text())
+    port = ctx.ports.api
+    assert endpoint == {"base_url": f"http://127.0.0.1:{port}/v1", "model": "tiny", "host": "node-a",
+                        "port": port, "job_id": "4242"}
+    assert stat.S_IMODE(jobdir.endpoint.stat().st_mode) == 0o600
+
+    # vLLM got the key through its environment, never on the command line or in its log
+    seen = json.loads((head.tmp / "argv.json").read_text())
+    assert seen["has_key"] is True
+    assert KEY not in " ".join(seen["argv"])
+    assert "--distributed-executor-backend" in seen["argv"]
+    assert KEY not in jobdir.vllm_log.read_text()
+
+    # the endpoint really is behind the key
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+    assert err.value.code == 401
+
+    leader, child = _pids(head.tmp)
+    ctx.stop_reason = "cancelled"
+    ctx.stop_event.set()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert result["rc"] == 0
+    state = jobdir.read_state()
+    assert state["phase"] == ENDED and state["reason"] == "cancelled"
+    assert not pid_alive(leader) and not pid_alive(child), "vLLM's process group outlived the stop"
+
+
+def test_vllm_exiting_while_loading_fails_with_exit_code_and_log_tail(head: SimpleNamespace) -> None:
+    ctx, jobdir = head.ctx, head.jobdir
+    ctx.env["FAKE_MODE"] = "fail"
+    rc = serve.run_head_serving(ctx)
+    assert rc == 1
+    state = jobdir.read_state()
+    assert state["phase"] == FAILED
+    assert state["exit_code"] == 3
+    assert "vllm exited with code 3 while loading the model" in state["reason"]
+    assert "model type `bogus`" in state["reason"]  # vLLM's own words reach the reason
+    assert "model type `bogus`" in state["log_tail"]
+    assert not jobdir.endpoint.exists()
+    leader, child = _pids(head.tmp)
+    assert not pid_alive(leader) and not pid_alive(child), "a child of the failed vLLM was left behind"
+
+
+def test_vllm_dying_after_ready_fails_the_job(head: SimpleNamespace) -> None:
+    ctx, jobdir = head.ctx, head.jobdir
+    ctx.env["FAKE_MODE"] = "crash-later"
+    rc = serve.run_head_serving(ctx)
+    assert rc == 1
+    state = jobdir.read_state()
+    assert state["phase"] == FAILED and state["exit_code"] == 7
+    assert "while serving" in state["reason"]
+    assert READY in state["phase_times"]  # it was ready first
+    leader, child = _pids(head.tmp)
+    assert not pid_alive(child)
+
+
+def test_not_ready_before_the_deadline_fails_and_stops_vllm(head: SimpleNamespace) -> None:
+    ctx, jobdir = head.ctx, head.jobdir
+    ctx.spec.serve.ready_timeout = 1.0
+    ctx.env["FAKE_DELAY"] = "60"
+    rc = serve.run_head_serving(ctx)
+    assert rc == 1
+    state = jobdir.read_state()
+    assert state["phase"] == FAILED and "not ready after 1 s" in state["reason"]
+    leader, child = _pids(head.tmp)
+    assert not pid_alive(leader) and not pid_alive(child)
+
+
+def test_stop_while_loading_ends_without_endpoint(head: SimpleNamespace) -> None:
+    ctx, jobdir = head.ctx, head.jobdir
+    ctx.env["FAKE_DELAY"] = "60"
+    thread, result = _run_in_thread(serve.run_head_serving, ctx)
+    deadline = time.monotonic() + 10
+    while not (head.tmp / "pids").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ctx.stop_reason = "time limit"
+    ctx.stop_event.set()
+    thread.join(timeout=60)
+    assert result["rc"] == 0
+    state = jobdir.read_state()
+    assert state["phase"] == ENDED and state["reason"] == "time limit"
+    assert not jobdir.endpoint.exists()
+
+
+def test_probe_needs_both_health_and_models(tmp_path: Path) -> None:
+    """/health alone is not ready: /v1/models must answer too (with the key)."""
+    import http.server
+
+    models_ok = threading.Event()
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                self.send_response(200)
+                self.end_headers()
+            elif self.path == "/v1/models" and models_ok.is_set():
+                if self.headers.get("Authorization") != f"Bearer {KEY}":
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b'{"data": [{"id": "m"}]}')
+            else:
+                self.send_response(503)
+                self.end_headers()
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        assert serve.probe(base, KEY) is None
+        models_ok.set()
+        assert serve.probe(base, "wrong") is None
+        assert serve.probe(base, KEY) == "m"
+    finally:
+        srv.shutdown()
+    assert serve.probe(base, KEY, timeout=0.5) is None  # nothing listening
+
+
+def test_stop_group_kills_children_that_ignore_sigterm(tmp_path: Path) -> None:
+    script = tmp_path / "stubborn.py"
+    script.write_text(
+        "import signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"c = subprocess.Popen([sys.executable, '-c', 'import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)'])\n"
+        f"open({str(tmp_path / 'child')!r}, 'w').write(str(c.pid))\n"
+        "time.sleep(300)\n"
+    )
+    proc = serve.launch([sys.executable, str(script)], os.environ, tmp_path / "out.log")
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "child").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int((tmp_path / "child").read_text())
+    t0 = time.monotonic()
+    rc = serve.stop_group(proc, grace=1.0)
+    assert rc == -signal.SIGKILL
+    assert time.monotonic() - t0 < 10
+    deadline = time.monotonic() + 5
+    while pid_alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(child)
+
+
+def test_headless_rank_reads_the_heads_rendezvous_port(head: SimpleNamespace) -> None:
+    ctx, jobdir = head.ctx, head.jobdir
+    ctx.spec = ServeSpec("org/tiny", nodes=2, gpus_per_node=1, backend="mp")
+    ctx.rank = 1
+    ctx.env["FAKE_DELAY"] = "60"
+    (jobdir.head).write_text(json.dumps({"job_id": "4242", "ip": "127.0.0.9", "gcs_port": 20123,
+                                         "api_port": 20124, "restart": 0}))
+    thread, result = _run_in_thread(serve.run_mp_node, ctx)
+    deadline = time.monotonic() + 10
+    while not (head.tmp / "argv.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    seen = json.loads((head.tmp / "argv.json").read_text())
+    ctx.stop_event.set()
+    thread.join(timeout=60)
+    argv = seen["argv"]
+    assert argv[argv.index("--master-addr") + 1] == "127.0.0.9"
+    assert argv[argv.index("--master-port") + 1] == "20123"
+    assert argv[argv.index("--node-rank") + 1] == "1" and "--headless" in argv
+    assert seen["has_key"] is False  # a headless rank serves no API and needs no key
+    assert (jobdir.logs / "vllm-1.log").exists()
+    assert result["rc"] == 0
+    assert jobdir.read_state() is None  # only the head writes state.json
