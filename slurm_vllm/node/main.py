@@ -308,7 +308,8 @@ class NodeProgram:
         self.log(f"ray cluster ready: {n}/{n} nodes in {took:.1f}s: "
                  + ", ".join(f"{a.name}={a.ip}" for a in alive))
         self._write_state(jd_mod.LOADING_MODEL, nodes_joined=n, nodes_expected=n, missing_hosts=[],
-                          ray_address=address, cluster_ready_seconds=round(took, 2))
+                          ray_address=address, cluster_ready_seconds=round(took, 2),
+                          nodes=[{"host": a.name, "ip": a.ip, "head": a.is_head} for a in alive])
         child_env = dict(env, RAY_ADDRESS=address)
         ctx = NodeContext(spec=spec, jobdir=self.jobdir, topology=topo, ports=ports, env=child_env,
                           stop_event=self.stopper.event, stopper=self.stopper, ray_address=address,

@@ -1,0 +1,284 @@
+"""Ray cluster bootstrap on the real Slurm lab: real sbatch/srun, real Ray, real signals.
+
+Each lab node is its own network/PID/UTS namespace with its own IP, so "distinct IPs" and
+"no process left on any node" are checked for real. No vLLM here: the head holds the formed
+cluster (SLURM_VLLM_NODE_NO_SERVE=1).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from _bootstrap_helpers import (
+    assert_no_processes,
+    job_nodes,
+    make_job,
+    node_log,
+    read_state,
+    require_lab,
+    sbatch,
+    scancel,
+    squeue_state,
+    wait_for,
+    wait_gone,
+    wrap_node_command,
+)
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture
+def lab() -> dict[str, str]:
+    return require_lab()
+
+
+@pytest.fixture
+def jobs():
+    """Job ids a test submitted; cancelled at the end whatever happened."""
+    ids: list[str] = []
+    yield ids
+    for j in ids:
+        scancel(j)
+    for j in ids:
+        try:
+            wait_gone(j, 60)
+        except AssertionError:
+            pass
+
+
+def _formed(jd, n: int):
+    def check():
+        s = read_state(jd)
+        return s if s.get("nodes_joined") == n and s.get("phase") == "LOADING_MODEL" else None
+    return check
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_cluster_forms_with_distinct_ips_and_progress(lab, jobs, tmp_path: Path, n: int) -> None:
+    jd = make_job(tmp_path, lab, nodes=n, name=f"form{n}")
+    t0 = time.monotonic()
+    job = sbatch(jd.script)
+    jobs.append(job)
+    seen: list[tuple[str, int]] = []
+
+    def progress():
+        s = read_state(jd)
+        if s.get("phase"):
+            key = (s["phase"], s.get("nodes_joined", -1))
+            if not seen or seen[-1] != key:
+                seen.append(key)
+        return s if s.get("phase") == "LOADING_MODEL" else None
+
+    state = wait_for(progress, 150, f"{n}-node cluster to form", poll=0.05)
+    took = time.monotonic() - t0
+    assert state["nodes_joined"] == state["nodes_expected"] == n and state["missing_hosts"] == []
+    ips = [node["ip"] for node in state["nodes"]]
+    assert len(set(ips)) == n, state["nodes"]
+    lab_ips = set(lab.get("LAB_NODE_IPS", "").split())
+    assert set(ips) <= lab_ips, (ips, lab_ips)
+    assert {node["host"] for node in state["nodes"]} == set(job_nodes(job))
+    # STARTING_RAY with k < n came before readiness; the head log shows each step.
+    assert seen[0][0] == "STARTING_RAY" and seen[-1] == ("LOADING_MODEL", n), seen
+    assert any(p == "STARTING_RAY" and k < n for p, k in seen)
+    head_log = node_log(jd, 0)
+    assert f"nodes {n}/{n}" in head_log and "ray cluster ready" in head_log
+    for r in range(1, n):
+        assert "joined the Ray cluster" in node_log(jd, r)
+    print(f"{n} nodes formed in {took:.1f}s from submit; progress {seen}")
+    scancel(job)
+    wait_gone(job)
+    assert read_state(jd)["phase"] == "ENDED" and read_state(jd)["reason"] == "cancelled"
+    assert_no_processes(job)
+
+
+def test_scancel_of_formed_cluster_leaves_nothing(lab, jobs, tmp_path: Path) -> None:
+    jd = make_job(tmp_path, lab, nodes=3, name="cancel3")
+    job = sbatch(jd.script)
+    jobs.append(job)
+    wait_for(_formed(jd, 3), 150, "3-node cluster")
+    t0 = time.monotonic()
+    scancel(job)
+    gone = wait_gone(job)
+    state = read_state(jd)
+    assert state["phase"] == "ENDED" and state["reason"] == "cancelled"
+    assert_no_processes(job, timeout=5)
+    for r in range(3):
+        assert "ENDED: cancelled" in node_log(jd, r), node_log(jd, r)[-500:]
+    print(f"scancel -> job gone in {gone:.1f}s ({time.monotonic() - t0:.1f}s)")
+
+
+def test_workers_started_before_a_delayed_head_still_join(lab, jobs, tmp_path: Path) -> None:
+    jd = make_job(tmp_path, lab, nodes=3, name="late-head", join_timeout=90)
+    script = wrap_node_command(jd, 'if [ "$SLURM_NODEID" = 0 ]; then sleep 25; fi')
+    job = sbatch(script)
+    jobs.append(job)
+    state = wait_for(_formed(jd, 3), 180, "cluster with a late head")
+    published = float(__import__("json").loads(jd.head.read_text())["published_at"])
+    ready = state["updated_at"]
+    for r in (1, 2):
+        log = node_log(jd, r)
+        assert "waiting for the head" in log and "joined the Ray cluster" in log
+    # Workers were already waiting: once the head published, joining took one backoff step
+    # plus a raylet start, not a fixed 5 s polling cycle per try.
+    print(f"head published -> all joined in {ready - published:.1f}s")
+    assert ready - published < 30
+
+
+def test_head_never_up_workers_fail_by_deadline_naming_head(lab, jobs, tmp_path: Path) -> None:
+    jd = make_job(tmp_path, lab, nodes=3, name="no-head", join_timeout=20)
+    script = wrap_node_command(jd, 'if [ "$SLURM_NODEID" = 0 ]; then exec sleep 100000; fi')
+    t0 = time.monotonic()
+    job = sbatch(script)
+    jobs.append(job)
+    wait_for(lambda: squeue_state(job) == "RUNNING", 60, "job to start")
+    gone = wait_gone(job, 120)
+    total = time.monotonic() - t0
+    head = job_nodes(job) or []
+    state = read_state(jd)
+    assert state["phase"] == "FAILED", state
+    assert "never published its address" in state["reason"] and "within 20s" in state["reason"]
+    logs = [node_log(jd, r) for r in (1, 2)]
+    assert any("FAILED: head " in log for log in logs), logs
+    assert total < 20 + 45, f"job took {total:.0f}s to end with a 20s join deadline"
+    assert_no_processes(job, timeout=10)
+    print(f"workers gave up and the job ended {total:.1f}s after submit (job gone wait {gone:.1f}s) {head}")
+
+
+def test_node_that_never_joins_fails_head_at_deadline_naming_it(lab, jobs, tmp_path: Path) -> None:
+    jd = make_job(tmp_path, lab, nodes=3, name="lost-node", cluster_timeout=35)
+    script = wrap_node_command(jd, 'if [ "$SLURM_NODEID" = 2 ]; then exec sleep 100000; fi')
+    job = sbatch(script)
+    jobs.append(job)
+    wait_for(lambda: squeue_state(job) == "RUNNING", 60, "job to start")
+    hosts = job_nodes(job)
+    wait_gone(job, 150)
+    state = read_state(jd)
+    assert state["phase"] == "FAILED", state
+    assert "2/3 nodes joined" in state["reason"] and "within 35s" in state["reason"]
+    assert state["missing_hosts"] == [hosts[2]] and hosts[2] in state["reason"]
+    assert "FAILED: only 2/3 nodes" in node_log(jd, 0)
+    assert_no_processes(job, timeout=10)
+
+
+def test_two_jobs_sharing_nodes_both_form(lab, jobs, tmp_path: Path) -> None:
+    a = make_job(tmp_path, lab, nodes=2, name="share-a", gpus=1, cpus=1, mem="1G")
+    b = make_job(tmp_path, lab, nodes=2, name="share-b", gpus=1, cpus=1, mem="1G")
+    ja = sbatch(a.script)
+    jb = sbatch(b.script)
+    jobs.extend([ja, jb])
+    sa = wait_for(_formed(a, 2), 200, "job A cluster")
+    sb = wait_for(_formed(b, 2), 200, "job B cluster")
+    shared = set(job_nodes(ja)) & set(job_nodes(jb))
+    assert shared, "two 2-node jobs on a 3-node lab must share a node"
+    assert sa["ray_address"] != sb["ray_address"]
+    # Both clusters are still intact after both formed: their ports did not collide.
+    time.sleep(3)
+    assert read_state(a)["phase"] == "LOADING_MODEL" and read_state(b)["phase"] == "LOADING_MODEL"
+    assert squeue_state(ja) == squeue_state(jb) == "RUNNING"
+    for j in (ja, jb):
+        scancel(j)
+    for j in (ja, jb):
+        wait_gone(j)
+        assert_no_processes(j)
+
+
+_GCS_PROBE = r"""
+import os, sys
+from ray._raylet import GcsClient
+try:
+    nodes = GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10)
+    print("NODES", sum(1 for n in nodes.values() if n.state == 0))
+except Exception as e:
+    print("REFUSED", type(e).__name__, e)
+"""
+
+
+def test_node_without_the_token_cannot_join(lab, jobs, tmp_path: Path) -> None:
+    jd = make_job(tmp_path, lab, nodes=2, name="token")
+    job = sbatch(jd.script)
+    jobs.append(job)
+    state = wait_for(_formed(jd, 2), 150, "2-node cluster")
+    address = state["ray_address"]
+    ray = str(Path(sys.executable).parent / "ray")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    base.update(HOME=str(tmp_path), RAY_USAGE_STATS_ENABLED="0")  # no ~/.ray/auth_token either
+    host_ip = lab.get("LAB_HOST_IP", "")
+    tries = {
+        "no token": dict(base),
+        "wrong token": dict(base, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-the-job-token"),
+    }
+    for what, env in tries.items():
+        out = subprocess.run(
+            [ray, "start", f"--address={address}", f"--node-ip-address={host_ip}", "--temp-dir=/tmp/svl-intruder",
+             "--disable-usage-stats", "--num-cpus=1"],
+            capture_output=True, text=True, timeout=120, env=env, check=False)
+        assert out.returncode != 0, f"{what}: ray start joined: {out.stdout[-500:]}"
+        assert "Authentication" in out.stdout + out.stderr or "auth" in (out.stdout + out.stderr).lower(), (
+            what, (out.stdout + out.stderr)[-800:])
+        probe = subprocess.run([sys.executable, "-c", _GCS_PROBE, address], capture_output=True, text=True,
+                               timeout=90, env=env, check=False)
+        assert "REFUSED" in probe.stdout, (what, probe.stdout, probe.stderr[-500:])
+    # Positive control: the job's own token is accepted and the cluster still has 2 nodes.
+    good = dict(base, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(jd.ray_token))
+    probe = subprocess.run([sys.executable, "-c", _GCS_PROBE, address], capture_output=True, text=True,
+                           timeout=90, env=good, check=False)
+    assert "NODES 2" in probe.stdout, (probe.stdout, probe.stderr[-500:])
+    subprocess.run(["rm", "-rf", "/tmp/svl-intruder"], timeout=30, check=False)
+
+
+SEED_SCRIPT = """#!/bin/bash
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=1
+#SBATCH --mem=1500M
+#SBATCH --time=00:05:00
+#SBATCH --partition={partition}
+#SBATCH --output={out}/batch-%j.out
+set -euo pipefail
+source {venv}/bin/activate
+HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+# The seed's own usage: leader on rank 0 (then the serving command), worker elsewhere.
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 --output={out}/seed-%t.log bash -c '
+if [ "$SLURM_NODEID" = 0 ]; then
+    python3 -m slurm_vllm leader --ray_port=6379 --ray_cluster_size={size} --ray_init_timeout={timeout}
+    rc=$?
+    echo "$rc" > {out}/leader-rc
+    [ "$rc" = 0 ] && sleep 300
+    exit $rc
+else
+    python3 -m slurm_vllm worker --ray_address='"$HEAD"' --ray_port=6379 --ray_init_timeout={timeout}
+fi'
+"""
+
+
+@pytest.mark.parametrize("size, expect_rc", [(2, "0"), (3, "1")])
+def test_seed_usage_leader_and_worker(lab, jobs, tmp_path: Path, size: int, expect_rc: str) -> None:
+    from _bootstrap_helpers import lab_venv
+
+    out = tmp_path / f"seed{size}"
+    out.mkdir()
+    script = out / "seed.sbatch"
+    script.write_text(SEED_SCRIPT.format(partition=lab.get("LAB_PARTITION", "debug"), out=out,
+                                         venv=lab_venv(lab), size=size, timeout=25))
+    t0 = time.monotonic()
+    job = sbatch(script)
+    jobs.append(job)
+    rc = wait_for(lambda: (out / "leader-rc").exists() and (out / "leader-rc").read_text().strip(), 120,
+                  "leader exit code")
+    took = time.monotonic() - t0
+    assert rc == expect_rc, (out / "seed-0.log").read_text()[-1500:]
+    if expect_rc == "0":
+        assert f"all {size} Ray nodes are alive" in (out / "seed-0.log").read_text()
+        assert "worker: joined" in (out / "seed-1.log").read_text()
+        assert squeue_state(job) == "RUNNING"  # the head stays up for the serving command
+        scancel(job)
+    else:
+        assert took < 25 + 60
+    wait_gone(job, 90)
+    assert_no_processes(job)
