@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -242,13 +243,34 @@ def exit_reason(returncode: int | None, during: str) -> str:
     return f"vllm exited with code {returncode} {during}"
 
 
-def error_summary(tail: str) -> str:
-    """The most telling line of vLLM's log tail: its last error line, if any."""
-    for line in reversed(tail.splitlines()):
-        text = line.strip()
-        if text and ("Error" in text or "error:" in text) and not text.startswith("File "):
-            return text[-300:]
+#: A Python exception line ("ValueError: ...", "ray.exceptions.RayTaskError(KeyError): ...").
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit)\b(?:\([^)]*\))?: \S")
+#: vLLM's log prefixes: "(EngineCore pid=12) ", "ERROR 11-29 09:41:39 [core.py:1510] ", colours.
+_LOG_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)?(?:\([^)]*\)(?:\x1b\[[0-9;]*m)?\s+)*"
+                         r"(?:(?:ERROR|CRITICAL)\s+\S+\s+\S+\s+\[[^\]]*\]\s+)?")
+#: Exceptions that only say "see above": never the cause.
+_GENERIC = ("See root cause above", "See stack trace for root cause", "Engine core initialization failed",
+            "ActorHandleNotFoundError", "ActorDiedError")
+
+
+def error_summary(log_text: str) -> str:
+    """vLLM's own words for why it failed: the first telling exception line of the failure.
+
+    vLLM reports a failed start several times: the root cause (often in a worker or engine
+    process), then wrappers that say "see root cause above". The first exception line that is
+    not such a wrapper is the cause; WARNING lines never are.
+    """
+    for line in log_text.splitlines():
+        if "WARNING" in line:
+            continue
+        text = _LOG_PREFIX.sub("", line.strip())
+        if _EXCEPTION_LINE.match(text) and not any(g in text for g in _GENERIC):
+            return text[:400]
     return ""
+
+
+#: How much of vLLM's log is searched for the cause of a failure (its end: the failure region).
+SUMMARY_LINES = 400
 
 
 # --------------------------------------------------------------------------- readiness
@@ -433,7 +455,7 @@ def serve_and_watch(
             stop_group(proc, grace=5.0)  # the leader is gone; its children must not stay
             reason = exit_reason(outcome.returncode, during)
         tail = log_tail(log_path)
-        summary = error_summary(tail)
+        summary = error_summary(log_tail(log_path, SUMMARY_LINES))
         if summary:
             reason = f"{reason}: {summary}"
         write_state(jobdir, FAILED, reason=reason, log_tail=tail, exit_code=outcome.returncode)
@@ -534,7 +556,7 @@ def run_mp_node(ctx: NodeContext) -> int:
             return 0
         stop_group(proc, grace=5.0)
         reason = exit_reason(outcome.returncode, f"on node rank {ctx.rank}")
-        summary = error_summary(log_tail(log_path))
+        summary = error_summary(log_tail(log_path, SUMMARY_LINES))
         print(f"slurm_vllm: {reason}{': ' + summary if summary else ''}", file=sys.stderr, flush=True)
         return 0 if outcome.returncode == 0 else 1
     finally:

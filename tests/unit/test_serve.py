@@ -164,12 +164,34 @@ def test_key_goes_through_the_environment_only() -> None:
     assert "VLLM_API_KEY" not in no_key and "RAY_ADDRESS" not in no_key
 
 
-def test_exit_reasons_and_error_summary() -> None:
+def test_exit_reasons() -> None:
     assert serve.exit_reason(3, "while loading the model") == "vllm exited with code 3 while loading the model"
     assert "SIGKILL" in serve.exit_reason(-9, "while serving")
-    tail = "INFO x\nTraceback (most recent call last):\n  File \"a.py\"\nValueError: bad config\nINFO bye"
-    assert serve.error_summary(tail) == "ValueError: bad config"
-    assert serve.error_summary("INFO all fine") == ""
+
+
+# Shapes of vLLM 0.32 failure logs: the root cause in a worker, then wrappers pointing at it.
+VLLM_FAILURE_LOG = """\
+(APIServer pid=1) WARNING 11-29 09:41:24 [system_utils.py:255] Found ulimit of 20000 ... `OSError: [Errno 24] Too many open files`.
+(APIServer pid=1) INFO 11-29 09:41:30 [model.py:1] Resolved architecture: LlamaForCausalLM
+(Worker pid=9) ERROR 11-29 09:41:39 [multiproc_executor.py:953] Traceback (most recent call last):
+(Worker pid=9) ERROR 11-29 09:41:39 [multiproc_executor.py:953]     raise ValueError(
+(Worker pid=9) ERROR 11-29 09:41:39 [multiproc_executor.py:953] ValueError: Following weights were not initialized from checkpoint: {'model.layers.5.mlp'}
+Exception: WorkerProc initialization failed due to an exception in a background process. See stack trace for root cause.
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {'EngineCore': 1}
+"""
+RAY_FAILURE_LOG = """\
+(EngineCore pid=5) ERROR 11-29 09:34:10 [core.py:1510] ray.exceptions.RayTaskError(KeyError): \x1b[36mray::RayWorkerProc.get_node_and_physical_gpu_ids()\x1b[39m (pid=11428, ip=127.0.0.2)
+(EngineCore pid=5) ERROR 11-29 09:34:10 [core.py:1510] KeyError: 'vllm_cpu'
+ray.exceptions.ActorHandleNotFoundError: Failed to find a corresponding actor handle for f02f
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}
+"""
+
+
+def test_error_summary_finds_the_root_cause_not_the_wrappers() -> None:
+    assert serve.error_summary(VLLM_FAILURE_LOG).startswith(
+        "ValueError: Following weights were not initialized from checkpoint")
+    assert serve.error_summary(RAY_FAILURE_LOG).startswith("ray.exceptions.RayTaskError(KeyError): ")
+    assert serve.error_summary("INFO all fine\nWARNING ValueError: not really") == ""
 
 
 def test_log_tail_keeps_the_last_lines(tmp_path: Path) -> None:
