@@ -408,6 +408,11 @@ def write_endpoint(jobdir: JobDir, *, ip: str, port: int, model: str, host: str,
     return endpoint
 
 
+def _stop_is_failure(ctx: Any) -> bool:
+    stopper = getattr(ctx, "stopper", None)
+    return bool(getattr(stopper, "failed", False))
+
+
 def _stop_reason(ctx: Any) -> str:
     return str(getattr(ctx, "stop_reason", None) or "stopped")
 
@@ -445,8 +450,13 @@ def serve_and_watch(
         else:
             during = "while loading the model"
         if outcome.kind == "stopped":
-            stop_group(proc)
+            # State first: Slurm's KillWait after scancel may be short, and the reason must land.
+            if _stop_is_failure(ctx):  # e.g. a node left the Ray cluster
+                write_state(jobdir, FAILED, reason=_stop_reason(ctx), log_tail=log_tail(log_path))
+                stop_group(proc)
+                return 1
             write_state(jobdir, ENDED, reason=_stop_reason(ctx))
+            stop_group(proc)
             return 0
         if outcome.kind == "timeout":
             stop_group(proc)

@@ -1,0 +1,211 @@
+"""Real vLLM (CPU build) across real Slurm lab nodes: Ray PP=2, the mp backend, failure, cancel.
+
+Every job is prepared by the library (``prepare_job``) and submitted with plain ``sbatch``, so
+what runs is exactly the rendered script users get. The lab's CPU settings come from one
+place, ``scripts/lab/profile.yaml``. One vLLM server runs at a time (the lab machine has two
+cores): each test cancels its job and waits for it to leave the queue before the next starts.
+
+Run alone with ``pytest -m vllm tests/lab``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from _bootstrap_helpers import (
+    assert_no_processes,
+    job_processes,
+    lab_venv,
+    read_state,
+    require_lab,
+    sbatch,
+    scancel,
+    wait_for,
+    wait_gone,
+)
+
+pytestmark = [pytest.mark.lab, pytest.mark.vllm]
+
+REPO = Path(__file__).resolve().parents[2]
+PROFILE = REPO / "scripts" / "lab" / "profile.yaml"
+READY_TIMEOUT = 420  # a cold start on the lab's 2 cores: Ray ~15 s, vLLM 60-100 s, compile cache misses
+PROMPT = [{"role": "user", "content": "Say hello to the world."}]
+#: Temperature-0 answers by configuration, for the cross-check between backends.
+ANSWERS: dict[str, str] = {}
+
+
+def lab_model(env: dict[str, str]) -> str:
+    return str(Path(env.get("LAB_HOME", "/var/lib/slurm-lab")) / "models" / "tiny-llama")
+
+
+def lab_spec(env: dict[str, str], job_dir: Path, **flags: Any) -> Any:
+    """A spec for the lab: the lab profile plus the flags of one test."""
+    from slurm_vllm.spec import build_spec
+
+    base: dict[str, Any] = {
+        "model": lab_model(env), "nodes": 2, "gpus_per_node": 1, "mem": "5000M",
+        "venv": lab_venv(env), "job_name": job_dir.name, "job_dir": str(job_dir),
+    }
+    if env.get("LAB_PARTITION"):
+        base["partition"] = env["LAB_PARTITION"]
+    base.update(flags)
+    spec, _ = build_spec(base, profile=str(PROFILE))
+    return spec
+
+
+def submit(spec: Any) -> tuple[Any, str]:
+    from slurm_vllm.render import prepare_job
+
+    jd = prepare_job(spec)
+    return jd, sbatch(jd.script)
+
+
+def wait_final_or_ready(jd: Any, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        s = read_state(jd)
+        return s if s.get("phase") in ("READY", "ENDED", "FAILED") else None
+
+    return wait_for(check, timeout, f"READY/ENDED/FAILED in {jd.state}", poll=1.0)
+
+
+def require_ready(jd: Any) -> dict[str, Any]:
+    state = wait_final_or_ready(jd)
+    assert state["phase"] == "READY", f"{state.get('phase')}: {state.get('reason')}\n{state.get('log_tail')}"
+    return state
+
+
+def end_job(job_id: str) -> None:
+    scancel(job_id)
+    wait_gone(job_id, 120)
+
+
+def chat(endpoint: dict[str, Any], key: str | None, max_tokens: int = 12) -> Any:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=endpoint["base_url"], api_key=key or "no-key", max_retries=0, timeout=120)
+    return client.chat.completions.create(
+        model=endpoint["model"], messages=PROMPT, temperature=0, max_tokens=max_tokens,
+        extra_body={"ignore_eos": True},
+    )
+
+
+@pytest.fixture(scope="module")
+def lab() -> dict[str, str]:
+    env = require_lab()
+    if not Path(lab_model(env), "config.json").exists():
+        pytest.skip(f"no tiny model at {lab_model(env)}; run scripts/lab/setup-venv")
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_job(lab: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A 2-node job, PP=2 over Ray, READY; shared by the answer test and the scancel test."""
+    job_dir = tmp_path_factory.mktemp("serving") / "ray-pp2"
+    jd, job_id = submit(lab_spec(lab, job_dir, pipeline_parallel_size=2, tensor_parallel_size=1))
+    t0 = time.monotonic()
+    try:
+        state = require_ready(jd)
+        yield {"jd": jd, "job_id": job_id, "state": state, "ready_s": time.monotonic() - t0}
+    finally:
+        end_job(job_id)
+
+
+def test_ray_pp2_two_nodes_ready_answers_with_key_and_401_without(ray_job: dict[str, Any]) -> None:
+    import openai
+
+    jd, job_id = ray_job["jd"], ray_job["job_id"]
+    endpoint = json.loads(jd.endpoint.read_text())
+    assert stat.S_IMODE(jd.endpoint.stat().st_mode) == 0o600
+    assert endpoint["job_id"] == job_id and endpoint["base_url"].endswith("/v1")
+    assert "127.0.0.1" not in endpoint["base_url"]  # the head's own address, reachable from other nodes
+    key = jd.read_secret(jd.api_key)
+    assert key
+
+    reply = chat(endpoint, key)
+    assert reply.usage.completion_tokens == 12
+    assert reply.choices[0].message.content
+    ANSWERS["ray-pp2"] = reply.choices[0].message.content
+
+    with pytest.raises(openai.AuthenticationError) as err:
+        chat(endpoint, None)
+    assert err.value.status_code == 401
+
+    # The pipeline really spans both nodes: the second stage ran on a raylet with another IP.
+    log = jd.vllm_log.read_text(errors="replace")
+    head_ip = endpoint["base_url"].split("//", 1)[1].rsplit(":", 1)[0]
+    remote = [line for line in log.splitlines() if "Worker_PP1" in line and "ip=" in line]
+    assert remote and all(f"ip={head_ip}" not in line for line in remote), "PP stage 1 was not on the other node"
+
+    # The key is nowhere in the script, the logs, or any process's command line.
+    assert key not in jd.script.read_text()
+    for f in jd.logs.iterdir():
+        assert key not in f.read_text(errors="replace"), f"the API key leaked into {f.name}"
+    assert all(key not in cmd for _, cmd in job_processes(job_id))
+
+
+def test_scancel_of_ready_job_ends_and_leaves_nothing(ray_job: dict[str, Any]) -> None:
+    jd, job_id = ray_job["jd"], ray_job["job_id"]
+    assert read_state(jd)["phase"] == "READY"
+    assert any("vllm" in cmd or "raylet" in cmd for _, cmd in job_processes(job_id))  # something to end
+    scancel(job_id)
+    wait_gone(job_id, 120)
+    state = read_state(jd)
+    assert state["phase"] == "ENDED", state
+    assert state["reason"] == "cancelled"
+    assert_no_processes(job_id)
+
+
+def _serve_and_answer(lab: dict[str, str], job_dir: Path, **flags: Any) -> tuple[str, dict[str, Any]]:
+    jd, job_id = submit(lab_spec(lab, job_dir, **flags))
+    try:
+        state = require_ready(jd)
+        endpoint = json.loads(jd.endpoint.read_text())
+        reply = chat(endpoint, jd.read_secret(jd.api_key))
+        assert reply.usage.completion_tokens == 12
+        return reply.choices[0].message.content, state
+    finally:
+        end_job(job_id)
+        assert_no_processes(job_id)
+
+
+def test_mp_backend_two_nodes_answers_like_a_single_node(lab: dict[str, str], tmp_path: Path) -> None:
+    single, _ = _serve_and_answer(lab, tmp_path / "single", nodes=1, backend="mp")
+    two, state = _serve_and_answer(lab, tmp_path / "mp-pp2", nodes=2, backend="mp",
+                                   pipeline_parallel_size=2, tensor_parallel_size=1)
+    assert state["phase"] == "READY"
+    assert single, "the single-node answer is empty"
+    assert two == single, "temperature 0: the 2-node mp answer differs from the single-node one"
+    if "ray-pp2" in ANSWERS:
+        assert ANSWERS["ray-pp2"] == single, "temperature 0: the Ray PP=2 answer differs from the single-node one"
+
+
+def test_broken_model_fails_with_vllms_error_and_no_orphans(lab: dict[str, str], tmp_path: Path) -> None:
+    model = tmp_path / "broken-model"
+    shutil.copytree(lab_model(lab), model)
+    config = json.loads((model / "config.json").read_text())
+    config["num_hidden_layers"] += 2  # the checkpoint lacks these layers' weights
+    (model / "config.json").write_text(json.dumps(config))
+    jd, job_id = submit(lab_spec(lab, tmp_path / "broken", model=str(model)))
+    try:
+        state = wait_final_or_ready(jd)
+        assert state["phase"] == "FAILED", state
+        assert "vllm exited with code" in state["reason"]
+        assert "weights were not initialized from checkpoint" in state["reason"]  # vLLM's own words
+        assert state["log_tail"]
+        assert not jd.endpoint.exists()
+        wait_gone(job_id, 120)
+    finally:
+        scancel(job_id)
+    assert_no_processes(job_id)
+    sacct = subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "State"], capture_output=True,
+                           text=True, timeout=30, check=False).stdout
+    assert "COMPLETED" not in sacct, f"a failed job must not end COMPLETED in Slurm: {sacct!r}"
