@@ -159,9 +159,9 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from slurm_vllm.job import statuses  # noqa: PLC0415
+    from slurm_vllm.job import attach_many, statuses  # noqa: PLC0415
 
-    jobs = [_attach(j) for j in args.job]
+    jobs = attach_many(list(args.job))
     sts = statuses(jobs)
     if args.json:
         dicts = [s.to_dict() for s in sts]

@@ -301,19 +301,20 @@ def _looks_like_jobdir(path: Path) -> bool:
     return path.is_dir() and ((path / "spec.json").exists() or (path / "job.sbatch").exists())
 
 
-def find_jobdir(job_id: str, poller: slurm.Poller | None = None) -> JobDir:
-    """The job directory of ``job_id``: the local index first, then Slurm's WorkDir for the job.
-
-    Jobs submitted by hand from a rendered script are found the second way: the script sets
-    ``--chdir`` to its job directory, which squeue/sacct report as the job's working directory.
-    """
+def _local_index() -> dict[str, JobDir]:
+    """Job id -> job directory for the directories under the default jobs root (no Slurm call)."""
     root = default_jobs_root()
+    out: dict[str, JobDir] = {}
     if root.is_dir():
         for d in root.iterdir():
             jd = JobDir(d)
-            if jd.read_job_id() == str(job_id):
-                return jd
-    sjob = (poller or slurm.POLLER).get([str(job_id)]).get(str(job_id))
+            jid = jd.read_job_id()
+            if jid:
+                out[jid] = jd
+    return out
+
+
+def _jobdir_from_record(job_id: str, sjob: slurm.SlurmJob | None) -> JobDir:
     if sjob is None:
         raise JobNotFoundError(f"job {job_id}: Slurm has no record of it and no job directory names it")
     workdir = Path(sjob.workdir) if sjob.workdir else None
@@ -323,6 +324,36 @@ def find_jobdir(job_id: str, poller: slurm.Poller | None = None) -> JobDir:
             "is not a job directory (no spec.json or job.sbatch)"
         )
     return JobDir(workdir)
+
+
+def attach_many(names: list[str], poller: slurm.Poller | None = None) -> list[Job]:
+    """Handles for several jobs (ids or directories), asking Slurm once for all unknown ids."""
+    poller = poller or slurm.POLLER
+    index = _local_index()
+    need = [n for n in names if n.isdigit() and not Path(n).is_dir() and n not in index]
+    records = poller.get(need) if need else {}
+    jobs = []
+    for n in names:
+        if n in records:
+            jobs.append(Job(n, _jobdir_from_record(n, records[n]), poller=poller))
+        elif n in index and n.isdigit():
+            jobs.append(Job(n, index[n], poller=poller))
+        else:
+            jobs.append(Job.attach(n))
+    return jobs
+
+
+def find_jobdir(job_id: str, poller: slurm.Poller | None = None) -> JobDir:
+    """The job directory of ``job_id``: the local index first, then Slurm's WorkDir for the job.
+
+    Jobs submitted by hand from a rendered script are found the second way: the script sets
+    ``--chdir`` to its job directory, which squeue/sacct report as the job's working directory.
+    """
+    local = _local_index().get(str(job_id))
+    if local is not None:
+        return local
+    sjob = (poller or slurm.POLLER).get([str(job_id)]).get(str(job_id))
+    return _jobdir_from_record(str(job_id), sjob)
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,7 +582,7 @@ def statuses(jobs: list[Job], poller: slurm.Poller | None = None) -> list[JobSta
     """Status of many jobs with one Slurm round trip for all of them."""
     poller = poller or slurm.POLLER
     ids = [j.job_id for j in jobs if j.job_id]
-    infos = poller.get(ids, force=True) if ids else {}
+    infos = poller.get(ids) if ids else {}
     out = []
     for j in jobs:
         sj = infos.get(j.job_id) if j.job_id else None

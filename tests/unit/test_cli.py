@@ -195,6 +195,21 @@ def test_status_of_many_jobs_is_one_slurm_call(tmp_path: Path, capsys: pytest.Ca
     assert fake.count("squeue") == 1 and fake.count("sacct") == 0
 
 
+def test_status_of_many_hand_submitted_ids_is_one_slurm_call(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # ids not in the local index: their directories come from Slurm's WorkDir, in the same call
+    monkeypatch.setattr(slurm, "POLLER", slurm.Poller(min_interval=2))
+    dirs = [make_job(tmp_path, str(300 + i), f"h{i}") for i in range(20)]
+    for d in dirs:
+        d.job_id_file.unlink()
+    lines = "".join(sq(str(300 + i), "PENDING", "Priority", workdir=str(d.path)) for i, d in enumerate(dirs))
+    fake = FakeSlurm(squeue=ok(["squeue"], lines), sacct=ok(["sacct"], ""))
+    rc, out, _ = run_cli(["status", "--json", *[str(300 + i) for i in range(20)]], fake, capsys)
+    data = json.loads(out)
+    assert rc == 0 and [d["job_dir"] for d in data] == [str(d.path) for d in dirs]
+    assert {d["phase"] for d in data} == {"PENDING"}
+    assert fake.count("squeue") == 1 and fake.count("sacct") == 0
+
+
 def test_list_is_one_call_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dirs = [make_job(tmp_path, str(200 + i), f"l{i}") for i in range(40)]
     write_state(dirs[0], "READY", job_id="200")
