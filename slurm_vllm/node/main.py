@@ -34,7 +34,7 @@ ENV_NO_SERVE = "SLURM_VLLM_NODE_NO_SERVE"
 ENV_KEEP_TMP = "SLURM_VLLM_KEEP_RAY_TMP"
 
 HEAD_LOST_AFTER = 10.0  # a worker declares the head gone after this long without its GCS port
-TEARDOWN_GRACE = 10.0
+TEARDOWN_GRACE = 3.0  # Ray keeps nothing worth a longer wait; Slurm's KillWait may be short
 
 
 @dataclass
@@ -213,8 +213,8 @@ class NodeProgram:
                 failed, reason = rc != 0, ("serving step exited with code %d" % rc if rc else "serving ended")
         except NodeError as e:
             failed, reason = True, str(e)
-            if self.topo is not None:
-                tail = _tail(ray_log_path(self.jobdir, self.topo.rank))
+            if self.topo is not None and any(p.poll() not in (None, 0) for p in self.owned):
+                tail = _tail(ray_log_path(self.jobdir, self.topo.rank))  # Ray itself failed: show why
         except Exception as e:  # noqa: BLE001 - the reason must reach state.json
             failed, reason = True, f"{type(e).__name__}: {e}"
         finally:
@@ -301,7 +301,8 @@ class NodeProgram:
 
         alive = ray_cluster.wait_for_nodes(watcher, expected=n, hosts=hosts,
                                            timeout=max(0.0, deadline - time.monotonic()),
-                                           stopper=self.stopper, head=head, on_progress=progress)
+                                           stopper=self.stopper, head=head, on_progress=progress,
+                                           started_at=t0)
         if alive is None:
             return 0
         took = time.monotonic() - t0

@@ -288,13 +288,15 @@ def wait_for_nodes(
     on_progress: Callable[[int, list[str]], None] | None = None,
     poll: float = 0.2,
     clock: Clock = time.monotonic,
+    started_at: float | None = None,
 ) -> list[RayNode] | None:
     """Poll the GCS until ``expected`` nodes are alive; None if stopped; raise on deadline.
 
     ``on_progress(k, missing)`` is called whenever the alive count changes (and once at first).
+    ``started_at`` (clock time) is when the whole wait began, for the message on timeout.
     """
-    start = clock()
-    deadline = start + timeout
+    start = clock() if started_at is None else started_at
+    deadline = clock() + timeout
     last: int | None = None
     alive: list[RayNode] = []
     while True:
