@@ -51,6 +51,8 @@ DEFAULT_READY_TIMEOUT = 3600.0
 #: Seconds vLLM gets after SIGTERM before its process group is killed.
 STOP_GRACE = 30.0
 POLL_INTERVAL = 2.0
+#: After vLLM exits, how long to wait for a stop signal that may be racing with it.
+STOP_RACE_GRACE = 2.0
 
 
 class NodeContext(Protocol):
@@ -449,6 +451,10 @@ def serve_and_watch(
             during = "while serving"
         else:
             during = "while loading the model"
+        if outcome.kind == "exited" and ctx.stop_event.wait(STOP_RACE_GRACE):
+            # scancel signals every process of the step at once: vLLM may exit a moment before
+            # the node program has registered the stop. That is a stop, not a failure.
+            outcome = Outcome("stopped", returncode=outcome.returncode)
         if outcome.kind == "stopped":
             # State first: Slurm's KillWait after scancel may be short, and the reason must land.
             if _stop_is_failure(ctx):  # e.g. a node left the Ray cluster
@@ -561,7 +567,7 @@ def run_mp_node(ctx: NodeContext) -> int:
     proc = launch(argv, env, log_path)
     try:
         outcome = supervise(proc, ctx.stop_event)
-        if outcome.kind == "stopped":
+        if outcome.kind == "stopped" or ctx.stop_event.wait(STOP_RACE_GRACE):
             stop_group(proc)
             return 0
         stop_group(proc, grace=5.0)

@@ -438,3 +438,40 @@ def test_headless_rank_reads_the_heads_rendezvous_port(head: SimpleNamespace) ->
     assert (jobdir.logs / "vllm-1.log").exists()
     assert result["rc"] == 0
     assert jobdir.read_state() is None  # only the head writes state.json
+
+
+def test_vllm_exiting_from_the_same_scancel_is_a_stop_not_a_failure(head: SimpleNamespace) -> None:
+    """scancel signals vLLM and the node program together; vLLM may notice first."""
+    ctx, jobdir = head.ctx, head.jobdir
+    ctx.env["FAKE_MODE"] = "crash-later"  # exits 1.5 s after it is ready
+
+    def stop_soon_after_exit() -> None:
+        _wait_phase(jobdir, READY)
+        leader = _pids(head.tmp)[0]
+        while pid_alive(leader):
+            time.sleep(0.05)
+        time.sleep(0.3)  # the node program's signal handler runs a moment later
+        ctx.stop_reason = "cancelled"
+        ctx.stop_event.set()
+
+    helper = threading.Thread(target=stop_soon_after_exit, daemon=True)
+    helper.start()
+    rc = serve.run_head_serving(ctx)
+    helper.join(timeout=10)
+    assert rc == 0
+    state = jobdir.read_state()
+    assert state["phase"] == ENDED and state["reason"] == "cancelled"
+
+
+def test_a_failure_stop_fails_the_job(head: SimpleNamespace) -> None:
+    """The node program stops the step because a node left: FAILED with that reason."""
+    ctx, jobdir = head.ctx, head.jobdir
+    ctx.stopper = SimpleNamespace(failed=True)
+    thread, result = _run_in_thread(serve.run_head_serving, ctx)
+    _wait_phase(jobdir, READY)
+    ctx.stop_reason = "node(s) labnode2 left the Ray cluster (1/2 alive)"
+    ctx.stop_event.set()
+    thread.join(timeout=60)
+    assert result["rc"] == 1
+    state = jobdir.read_state()
+    assert state["phase"] == FAILED and "labnode2 left" in state["reason"]
