@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from slurm_vllm.errors import SlurmVllmError
+from slurm_vllm.errors import SlurmCommandError, SlurmVllmError
 
 NODE_COMMANDS = ("leader", "worker", "node")
 
@@ -397,7 +397,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SlurmVllmError as exc:
         if args.debug:
             traceback.print_exc()
-        _err(f"error: {exc}")
+        text = str(exc)
+        if isinstance(exc, SlurmCommandError):  # Slurm's words, kept, on one line
+            text = "; ".join(line.strip() for line in text.splitlines() if line.strip())
+        _err(f"error: {text}")
         return exc.exit_code
     except KeyboardInterrupt:
         _err("interrupted")

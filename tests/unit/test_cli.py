@@ -129,11 +129,15 @@ def test_submit_json_shape(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_submit_refused_by_slurm_exit_3_with_slurms_words(capsys: pytest.CaptureFixture[str]) -> None:
-    msg = "sbatch: error: Batch job submission failed: Invalid partition name specified"
-    fake = FakeSlurm(sbatch=fail(["sbatch"], msg))
+    from conftest_cli import fixture
+
+    recorded = fixture("sbatch_lab_bad_partition.txt").partition("\n")[2]  # two lines from real sbatch
+    fake = FakeSlurm(sbatch=fail(["sbatch"], recorded))
     rc, out, err = run_cli(["submit", "org/m", "--partition", "nope"], fake, capsys)
     assert rc == 3 and out == ""
-    assert msg in err and len(err.strip().splitlines()) == 1
+    assert len(err.strip().splitlines()) == 1
+    for line in recorded.strip().splitlines():
+        assert line in err
     assert fake.count("sbatch") == 1
 
 

@@ -396,3 +396,46 @@ def test_no_shell_anywhere_in_the_runner() -> None:
 
     src = inspect.getsource(slurm)
     assert "shell=True" not in src
+
+
+# --------------------------------------------------------------------------------------------
+# what the recorded lab output says, job by job
+# --------------------------------------------------------------------------------------------
+
+
+def test_recorded_squeue_jobs_map_as_expected() -> None:
+    jobs = {j.job_id: j for j in slurm.parse_squeue(fixture("squeue_lab_mixed.txt"))}
+    assert jobs["17"].category is Category.RUNNING and jobs["17"].nodes == 2 and jobs["17"].nodelist == "labnode[1-2]"
+    assert jobs["18"].category is Category.CANCELLED
+    assert jobs["19"].category is Category.FAILED
+    assert jobs["20"].category is Category.COMPLETED
+    assert jobs["21"].reason is not None and jobs["21"].reason.kind is ReasonKind.HELD
+    assert jobs["22"].reason is not None and jobs["22"].reason.blocked
+    assert jobs["23"].reason is not None and jobs["23"].reason.kind is ReasonKind.WAITING
+    assert jobs["24"].reason is not None and jobs["24"].reason.code == "Resources"
+    assert all(j.comment == "slurm_vllm" and j.workdir == "/tmp/cli_rec/work" for j in jobs.values())
+    limits = {j.job_id: j for j in slurm.parse_squeue(fixture("squeue_lab_limits.txt"))}
+    assert limits["26"].reason is not None and limits["26"].reason.blocked  # 9 nodes asked of a 3-node partition
+
+
+def test_recorded_sacct_jobs_map_as_expected() -> None:
+    jobs = {j.job_id: j for j in slurm.parse_sacct(fixture("sacct_lab_mixed.txt"))}
+    assert jobs["18"].state.name == "CANCELLED" and jobs["18"].state.detail == "by 0"
+    assert jobs["19"].category is Category.FAILED and jobs["19"].exit_code == "3:0"
+    assert jobs["20"].category is Category.COMPLETED
+    assert jobs["24"].category is Category.PENDING and jobs["24"].nodelist == "None assigned"
+
+
+@pytest.mark.parametrize("name", ["sbatch_lab_bad_partition.txt", "sbatch_lab_too_many_gpus.txt"])
+def test_recorded_sbatch_refusals_are_not_transient(name: str) -> None:
+    head, _, stderr = fixture(name).partition("\n")
+    err = SlurmCommandError(["sbatch"], int(head.split("=")[1]), stderr)
+    assert not slurm.is_transient(err) and err.exit_code == 3
+    assert "sbatch: error:" in str(err)
+
+
+def test_recorded_unknown_id_answer_means_no_jobs() -> None:
+    head, _, stderr = fixture("stderr_lab_squeue_unknown_id.txt").partition("\n")
+    fake = FakeSlurm(squeue=fail(["squeue"], stderr, int(head.split("=")[1])))
+    with slurm.use_runner(fake):
+        assert slurm.squeue(["99999999"]) == []
