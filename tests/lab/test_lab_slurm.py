@@ -7,6 +7,7 @@ above it would be testing something other than a cluster.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -109,6 +110,35 @@ def test_nodes_are_idle_with_declared_resources(lab: Lab) -> None:
     rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.strip().splitlines()}
     assert set(rows) == set(lab.nodes)
     assert all(row[0] == f"gpu:{lab.gpus_per_node}" for row in rows.values()), rows
+
+
+def test_up_when_already_up_changes_nothing(lab: Lab) -> None:
+    """``up`` is idempotent: on a running lab it says so and restarts nothing."""
+    before = lab.current_env()["LAB_NODE_PIDS"]
+    proc = lab.lab_command("up", str(len(lab.nodes)), "--no-venv", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "already up" in proc.stderr
+    assert lab.current_env()["LAB_NODE_PIDS"] == before
+
+
+def test_up_refuses_to_start_over_leftovers(lab: Lab, tmp_path: Path) -> None:
+    """A crashed lab's state is named, with ``down`` as the fix, and nothing is started."""
+    home = tmp_path / "crashed-lab"
+    (home / "run").mkdir(parents=True)
+    env = dict(
+        os.environ,
+        SLURM_LAB_HOME=str(home),
+        SLURM_LAB_NODE_PREFIX="lefttest",
+        SLURM_LAB_BRIDGE="lefttest0",
+        SLURM_LAB_NET="10.234.77",
+    )
+    proc = subprocess.run(
+        [str(lab.script), "up", "--no-venv"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode != 0
+    assert f"state directory {home}/run" in proc.stderr, proc.stderr
+    assert "scripts/slurm-lab down" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in home.iterdir()) == ["run"], "up wrote state over leftovers"
 
 
 def _process_start(pid: int) -> str | None:
