@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -198,8 +199,8 @@ def combine(
     def from_state_final() -> bool:
         if s_phase in (ENDED, FAILED):
             status.phase = s_phase
-            status.reason = str(st.get("reason") or "")
-            status.log_tail = str(st.get("log_tail") or "") or (_failing_log_tail(jobdir) if s_phase == FAILED else "")
+            status.reason = _plain(str(st.get("reason") or ""))
+            status.log_tail = _plain(str(st.get("log_tail") or "") or (_failing_log_tail(jobdir) if s_phase == FAILED else ""))
             return True
         return False
 
@@ -257,7 +258,7 @@ def combine(
         else:
             status.phase = FAILED
             status.reason = f"{sjob.state.name}: {sjob.state.meaning}{exit_note}"
-            status.log_tail = _failing_log_tail(jobdir)
+            status.log_tail = _plain(_failing_log_tail(jobdir))
         return status
 
     # Slurm knows nothing (or an unknown state): trust a final state file, else say so.
@@ -270,6 +271,14 @@ def combine(
             f"Slurm has no record of job {job_id}" if job_id else "no job id recorded in the job directory yet"
         )
     return status
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _plain(text: str) -> str:
+    """Text without terminal colour codes (vLLM and Ray colour their messages)."""
+    return _ANSI.sub("", text)
 
 
 def _failing_log_tail(jobdir: JobDir) -> str:

@@ -296,6 +296,8 @@ class PendingReason:
         return self.kind is ReasonKind.BLOCKED
 
     def __str__(self) -> str:
+        if self.code == "None":
+            return self.hint
         return f"{self.raw} ({self.hint})" if self.hint and self.hint != self.raw else self.raw
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import subprocess
@@ -69,41 +68,20 @@ def wait_gone(job_id: str, timeout: float = 60) -> None:
         time.sleep(0.5)
 
 
+REPO = Path(__file__).resolve().parents[2]
+LAB_PROFILE = os.environ.get("SLURM_VLLM_LAB_PROFILE", str(REPO / "scripts" / "lab" / "profile.yaml"))
+LAB_NODES = int(os.environ.get("SLURM_VLLM_LAB_NODES", "2"))
+
+
 def lab_serve_flags() -> list[str]:
-    """Flags that serve the lab's tiny model with CPU vLLM (override with SLURM_VLLM_LAB_SERVE_FLAGS)."""
-    override = os.environ.get("SLURM_VLLM_LAB_SERVE_FLAGS")
-    if override:
-        return json.loads(override)
-    return [
-        LAB_MODEL, "--nodes", "1", "--gpus-per-node", "1", "--partition", PARTITION, "--time", "00:15:00",
-        "--venv", LAB_VENV,
-        "--env", "VLLM_TARGET_DEVICE=cpu", "--env", "VLLM_CPU_KVCACHE_SPACE=1", "--env", "HF_HUB_OFFLINE=1",
-        "--env", "VLLM_NO_USAGE_STATS=1", "--env", "RAY_USAGE_STATS_ENABLED=0",
-        "--env", "SLURM_VLLM_LAB_CPU_RAY=1", "--env", 'RAY_OVERRIDE_RESOURCES={"vllm_cpu": 1}',
-        "--", "--max-model-len", "256", "--dtype", "float32",
-    ]
+    """CLI flags that serve the lab's tiny model with CPU vLLM over LAB_NODES nodes (the lab profile)."""
+    return ["--profile", LAB_PROFILE, LAB_MODEL, "--nodes", str(LAB_NODES), "--gpus-per-node", "1", "--mem", "5000M"]
 
 
 def lab_serve_kwargs() -> dict[str, object]:
-    """The same as keyword arguments for ``ServeSpec``."""
-    flags = lab_serve_flags()
-    model, rest = flags[0], flags[1:]
-    extra: list[str] = []
-    if "--" in rest:
-        i = rest.index("--")
-        rest, extra = rest[:i], rest[i + 1:]
-    kw: dict[str, object] = {"model": model, "extra_args": extra}
-    env: dict[str, str] = {}
-    it = iter(rest)
-    for flag in it:
-        value = next(it)
-        key = flag[2:].replace("-", "_")
-        if key == "env":
-            k, _, v = value.partition("=")
-            env[k] = v
-        elif key in ("nodes", "gpus_per_node"):
-            kw[key] = int(value)
-        else:
-            kw[key] = value
-    kw["env"] = env
+    """The same as keyword arguments for ``ServeSpec`` (the profile's fields, flat)."""
+    from slurm_vllm.spec import read_spec_file
+
+    kw: dict[str, object] = dict(read_spec_file(LAB_PROFILE))
+    kw.update(model=LAB_MODEL, nodes=LAB_NODES, gpus_per_node=1, mem="5000M")
     return kw

@@ -176,7 +176,7 @@ def _chat(base_url: str, api_key: str, model: str) -> str:
 
 @pytest.mark.vllm
 def test_cli_submit_wait_endpoint_chat_cancel(home: Path) -> None:
-    proc = cli(["submit", *lab_serve_flags()[:1], "--wait", "--timeout", "900", *lab_serve_flags()[1:]], home, timeout=960)
+    proc = cli(["submit", *lab_serve_flags(), "--wait", "--timeout", "900"], home, timeout=960)
     assert proc.returncode == 0, (proc.stdout, proc.stderr[-3000:])
     jid = _job_id(proc.stdout)
     assert "READY http://" in proc.stdout

@@ -364,3 +364,14 @@ def test_probe_health_real_http(server: str, monkeypatch: pytest.MonkeyPatch) ->
     assert jobmod.probe_health(server, "k") == (True, "")
     ok_, why = jobmod.probe_health("http://127.0.0.1:1/v1", None, timeout=1)
     assert not ok_ and "unreachable" in why
+
+
+def test_colour_codes_from_vllm_do_not_reach_the_terminal(jd: JobDir) -> None:
+    state = {"job_id": "42", "phase": "FAILED", "reason": "vllm exited: \x1b[36mray::Worker()\x1b[39m failed", "log_tail": "\x1b[31mboom\x1b[0m"}
+    st = combine("42", jd, sjob("RUNNING"), state, None, None, never_probe)
+    assert st.reason == "vllm exited: ray::Worker() failed" and st.log_tail == "boom"
+
+
+def test_just_submitted_reason_reads_well(jd: JobDir) -> None:
+    st = combine("42", jd, sjob("PENDING", "None"), None, None, None, never_probe)
+    assert st.summary() == "PENDING (just submitted; not scheduled yet)"
