@@ -170,7 +170,7 @@ class NodeProgram:
             return
         phase = jd_mod.FAILED if failed else jd_mod.ENDED
         jd_mod.write_state(self.jobdir, phase, job_id=topo.job_id, reason=reason,
-                           failed_host=topo.hostname if failed else None, log_tail=log_tail)
+                           reported_by=topo.hostname, log_tail=log_tail)
 
     def _head_published(self) -> bool:
         info = jd_mod.read_json(self.jobdir.head)

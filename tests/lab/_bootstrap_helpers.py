@@ -47,7 +47,8 @@ def require_lab() -> dict[str, str]:
     except (OSError, subprocess.TimeoutExpired):
         pytest.skip("sinfo not available: the Slurm lab is not up (scripts/slurm-lab up)")
     states = [line.split() for line in out.stdout.splitlines() if line.strip()]
-    usable = [s for s in states if len(s) == 2 and s[1].rstrip("*") in ("idle", "mix", "alloc", "comp")]
+    bad = ("down", "drain", "drng", "drained", "fail", "failg", "inval", "unk", "maint", "boot", "powered_down")
+    usable = [s for s in states if len(s) == 2 and s[1].rstrip("*~#!%$@^-") not in bad]
     if out.returncode != 0 or len(usable) < 3:
         pytest.skip(f"the Slurm lab is not up with 3 usable nodes: {out.stdout.strip() or out.stderr.strip()}")
     return env
@@ -102,6 +103,17 @@ def squeue_state(job_id: str) -> str | None:
     out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
                          timeout=30, check=False)
     return out.stdout.strip() or None
+
+
+def wait_running(job_id: str, timeout: float = 300) -> None:
+    """Other tests may hold the lab: wait through PENDING before any timing starts."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        state = squeue_state(job_id)
+        if state in ("RUNNING", None):
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not start within {timeout}s: {squeue_state(job_id)}")
 
 
 def job_nodes(job_id: str) -> list[str]:
