@@ -242,6 +242,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from slurm_vllm import slurm  # noqa: PLC0415
+    from slurm_vllm.job import _plain  # noqa: PLC0415
     from slurm_vllm.jobdir import JobDir  # noqa: PLC0415
 
     rows = []
@@ -257,7 +258,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             phase = (state or {}).get("phase") or ("STARTING_RAY" if sj.category is slurm.Category.RUNNING else sj.state.name)
         rows.append({
             "job_id": sj.job_id, "name": sj.name, "slurm_state": sj.state.raw, "phase": phase,
-            "reason": (sj.reason.raw if sj.reason else (state or {}).get("reason", "")),
+            "reason": (str(sj.reason) if sj.reason else _plain(str((state or {}).get("reason") or ""))),
             "nodes": sj.nodes, "elapsed": sj.elapsed, "time_limit": sj.time_limit,
             "url": (endpoint or {}).get("base_url") if phase == "READY" else None,
             "job_dir": sj.workdir,

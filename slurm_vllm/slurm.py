@@ -617,7 +617,10 @@ def list_jobs(timeout: float = DEFAULT_TIMEOUT) -> list[SlurmJob]:
     Jobs are recognised by ``--comment=slurm_vllm``, which both the rendered script and the
     submitit path set.
     """
-    return [j for j in squeue(me=True, timeout=timeout) if j.comment.strip() == JOB_COMMENT]
+    return [
+        j for j in squeue(me=True, timeout=timeout)
+        if j.comment.strip() == JOB_COMMENT and not j.category.final
+    ]
 
 
 __all__ = [

@@ -384,6 +384,7 @@ def test_scancel_of_finished_job_is_fine() -> None:
 
 def test_list_jobs_filters_by_comment_in_one_call() -> None:
     lines = _squeue_lines(["1", "2"]) + slurm.SEP.join(["3", "RUNNING", "None", "other", "1", "n1", "1:00", "1:00:00", "(null)", "/x"]) + "\n"
+    lines += _squeue_lines(["4"], state="COMPLETED")  # still in slurmctld's memory, but over
     fake = FakeSlurm(squeue=ok(["squeue"], lines))
     with slurm.use_runner(fake):
         jobs = slurm.list_jobs()
