@@ -250,6 +250,8 @@ _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit)\b(?:\([^
 #: vLLM's log prefixes: "(EngineCore pid=12) ", "ERROR 11-29 09:41:39 [core.py:1510] ", colours.
 _LOG_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)?(?:\([^)]*\)(?:\x1b\[[0-9;]*m)?\s+)*"
                          r"(?:(?:ERROR|CRITICAL)\s+\S+\s+\S+\s+\[[^\]]*\]\s+)?")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAY_TASK_ERROR = re.compile(r"^[\w.]*RayTaskError\((\w+)\)")
 #: Exceptions that only say "see above": never the cause.
 _GENERIC = ("See root cause above", "See stack trace for root cause", "Engine core initialization failed",
             "ActorHandleNotFoundError", "ActorDiedError")
@@ -260,15 +262,25 @@ def error_summary(log_text: str) -> str:
 
     vLLM reports a failed start several times: the root cause (often in a worker or engine
     process), then wrappers that say "see root cause above". The first exception line that is
-    not such a wrapper is the cause; WARNING lines never are.
+    not such a wrapper is the cause; WARNING lines never are. A Ray task error
+    (``RayTaskError(RuntimeError): ray::Worker.method() ...``) is followed by the inner
+    exception's own line, which is the one quoted when present.
     """
+    wrapper = ""
+    inner = ""
     for line in log_text.splitlines():
         if "WARNING" in line:
             continue
-        text = _LOG_PREFIX.sub("", line.strip())
-        if _EXCEPTION_LINE.match(text) and not any(g in text for g in _GENERIC):
+        text = _LOG_PREFIX.sub("", _ANSI.sub("", line.strip()))
+        if inner and text.startswith(inner + ":"):
             return text[:400]
-    return ""
+        if wrapper or not _EXCEPTION_LINE.match(text) or any(g in text for g in _GENERIC):
+            continue
+        ray_task = _RAY_TASK_ERROR.match(text)
+        if not ray_task:
+            return text[:400]
+        wrapper, inner = text[:400], ray_task.group(1)
+    return wrapper
 
 
 #: How much of vLLM's log is searched for the cause of a failure (its end: the failure region).

