@@ -37,6 +37,7 @@ NAMED = (
     "dashboard_agent_grpc",
     "runtime_env_agent",
     "metrics_export",
+    "dashboard",
     "api",
 )
 
@@ -53,12 +54,13 @@ class PortPlan:
     dashboard_agent_grpc: int
     runtime_env_agent: int
     metrics_export: int
+    dashboard: int
     api: int
     min_worker: int
     max_worker: int
 
     def ray_start_args(self, head: bool) -> list[str]:
-        """``ray start`` flags for this plan (the dashboard itself is off)."""
+        """``ray start`` flags for this plan (the dashboard UI is off)."""
         args = [
             f"--node-manager-port={self.node_manager}",
             f"--object-manager-port={self.object_manager}",
@@ -70,8 +72,10 @@ class PortPlan:
             f"--metrics-export-port={self.metrics_export}",
         ]
         if head:
+            # Ray still runs a minimal dashboard process (usage stats) with the UI off; its port
+            # defaults to 8265 for everyone, so it gets a job-local one too.
             args = [f"--port={self.gcs}", f"--ray-client-server-port={self.ray_client_server}",
-                    "--include-dashboard=false", *args]
+                    "--include-dashboard=false", f"--dashboard-port={self.dashboard}", *args]
         return args
 
     @property

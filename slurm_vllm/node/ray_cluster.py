@@ -361,12 +361,15 @@ def join_cluster(
     address = f"{head_ip}:{gcs_port}"
     attempts = 0
     said_waiting = False
+    last_why = ""
     while True:
         if stopper.stopped:
             return None
         if clock() >= deadline:
-            raise HeadUnreachable(f"head {head_host} never answered at {address} within {timeout:.0f}s "
-                                  f"({attempts} join attempts)")
+            if not attempts:
+                raise HeadUnreachable(f"head {head_host} never answered at {address} within {timeout:.0f}s")
+            raise HeadUnreachable(f"could not join head {head_host} at {address} within {timeout:.0f}s "
+                                  f"({attempts} attempt(s); the last one {last_why})")
         if not tcp_open(head_ip, gcs_port):
             if not said_waiting:
                 log(f"waiting for the head {head_host} at {address}")
@@ -394,6 +397,6 @@ def join_cluster(
         terminate(proc)
         if stopper.stopped:
             return None
-        why = f"exited with code {code}" if code is not None else "did not register in time"
-        log(f"join attempt {attempts} {why}; retrying")
+        last_why = why = f"exited with code {code}" if code is not None else "did not register in time"
+        log(f"join attempt {attempts} {why}" + ("; retrying" if clock() < deadline else ""))
         sleep_until_next(backoff, deadline, stopper, clock)

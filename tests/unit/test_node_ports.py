@@ -74,6 +74,7 @@ def test_ray_start_args_head_and_worker():
     head = p.ray_start_args(head=True)
     assert f"--port={p.gcs}" in head and "--include-dashboard=false" in head
     assert f"--ray-client-server-port={p.ray_client_server}" in head
+    assert f"--dashboard-port={p.dashboard}" in head
     worker = p.ray_start_args(head=False)
     assert not any(a.startswith("--port=") for a in worker)
     assert f"--min-worker-port={p.min_worker}" in worker and f"--max-worker-port={p.max_worker}" in worker

@@ -156,7 +156,7 @@ def test_join_retries_failed_attempts_then_gives_up_naming_the_head(monkeypatch)
         clock.t += 1.0
         return FakeProc(False)  # ray start exits at once (e.g. rejected)
 
-    with pytest.raises(HeadUnreachable, match=r"head gpu01 never answered at 10.0.0.1:4321 within 30s"):
+    with pytest.raises(HeadUnreachable, match=r"could not join head gpu01 at 10.0.0.1:4321 within 30s .*exited with code 1"):
         ray_cluster.join_cluster(start=start, head_host="gpu01", head_ip="10.0.0.1", gcs_port=4321,
                                  node_ip="10.0.0.9", node_manager_port=5, timeout=30,
                                  stopper=ClockStopper(clock), log=lambda m: None, terminate=lambda p: None,
@@ -165,3 +165,15 @@ def test_join_retries_failed_attempts_then_gives_up_naming_the_head(monkeypatch)
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     assert gaps[-1] > gaps[0]
     assert 30 <= clock.t <= 36
+
+
+def test_join_names_a_head_that_never_answered(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(ray_cluster, "tcp_open", lambda *a, **k: False)
+    monkeypatch.setattr(ray_cluster, "sleep_until_next",
+                        lambda b, d, s, c=None, sl=None: (clock.sleep(max(0, min(b.next_delay(), d - clock.t))), True)[1])
+    with pytest.raises(HeadUnreachable, match=r"^head gpu01 never answered at 10.0.0.1:4321 within 12s$"):
+        ray_cluster.join_cluster(start=lambda: pytest.fail("must not start ray"), head_host="gpu01",
+                                 head_ip="10.0.0.1", gcs_port=4321, node_ip="10.0.0.9", node_manager_port=5,
+                                 timeout=12, stopper=ClockStopper(clock), log=lambda m: None,
+                                 terminate=lambda p: None, clock=clock)
