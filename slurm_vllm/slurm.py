@@ -298,7 +298,7 @@ class PendingReason:
     def __str__(self) -> str:
         if self.code == "None":
             return self.hint
-        return f"{self.raw} ({self.hint})" if self.hint and self.hint != self.raw else self.raw
+        return f"{self.raw}: {self.hint}" if self.hint and self.hint != self.raw else self.raw
 
 
 def parse_reason(raw: str | None) -> PendingReason:
