@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if lab_dir in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.lab)
     items.sort(key=lambda item: item.get_closest_marker("lab_teardown") is not None)
+
+
+def pytest_collectstart(collector: pytest.Collector) -> None:
+    """Let each test directory's ``conftest_<name>.py`` helpers be imported by their own tests.
+
+    Helper modules are imported by plain name (``from conftest_cli import ...``) from the test
+    file's directory, so two tiers may both have, say, ``conftest_cli.py``. Before a test module
+    is imported, drop a same-named helper that came from another directory and put this
+    directory first on ``sys.path``, so the import finds the module next to the test.
+    """
+    if not isinstance(collector, pytest.Module):
+        return
+    here = Path(str(collector.path)).parent
+    helpers = [p.stem for p in here.glob("conftest_*.py")]
+    if not helpers:
+        return
+    for name in helpers:
+        loaded = sys.modules.get(name)
+        origin = getattr(loaded, "__file__", None)
+        if loaded is not None and (origin is None or Path(origin).parent != here):
+            del sys.modules[name]
+    if sys.path[:1] != [str(here)]:
+        if str(here) in sys.path:
+            sys.path.remove(str(here))
+        sys.path.insert(0, str(here))
 
 
 @dataclass(frozen=True)
