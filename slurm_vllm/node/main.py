@@ -285,12 +285,13 @@ class NodeProgram:
         t0 = time.monotonic()
         deadline = t0 + spec.ray.cluster_timeout
         head = self._start("ray-head", self._ray_argv(topo, ports, None), env)
+        # Publish at once: workers start probing the GCS port while the head comes up.
+        self._publish_head(topo, ports)
         self.log(f"ray head starting: GCS {topo.node_ip}:{ports.gcs}, temp dir {self.temp_dir}, "
                  f"output in {ray_log_path(self.jobdir, topo.rank)}")
         if not ray_cluster.wait_gcs_open(topo.node_ip, ports.gcs, proc=head, stopper=self.stopper,
                                          timeout=max(0.0, deadline - time.monotonic()), host=topo.hostname):
             return 0
-        self._publish_head(topo, ports)
         self.log(f"ray head up in {time.monotonic() - t0:.1f}s; waiting for {n} nodes")
         address = f"{topo.node_ip}:{ports.gcs}"
         watcher = ray_cluster.GcsWatcher(address)
@@ -370,7 +371,7 @@ class NodeProgram:
     # ------------------------------------------------------------ workers
 
     def _wait_head_json(self, topo: Topology, deadline: float) -> dict[str, Any] | None:
-        backoff = ray_cluster.Backoff(initial=0.1, cap=1.0)
+        backoff = ray_cluster.Backoff(initial=0.1, cap=0.5)  # a stat on the shared filesystem
         restart = _restart_count(self.env)
         said = False
         while not self.stopper.stopped:

@@ -345,6 +345,7 @@ def join_cluster(
     log: Callable[[str], None],
     terminate: Callable[[OwnedProcess], None],
     backoff: Backoff | None = None,
+    probe_backoff: Backoff | None = None,
     attempt_timeout: float = 60.0,
     clock: Clock = time.monotonic,
     started_at: float | None = None,
@@ -356,6 +357,8 @@ def join_cluster(
     whose process exits is retried after a jittered, growing delay.
     """
     backoff = backoff or Backoff()
+    # Probing a closed port costs a SYN and a RST: poll it more often than we retry ray start.
+    probe_backoff = probe_backoff or Backoff(initial=0.05, cap=0.5, rng=backoff.rng)
     t0 = started_at if started_at is not None else clock()
     deadline = t0 + timeout
     address = f"{head_ip}:{gcs_port}"
@@ -374,8 +377,9 @@ def join_cluster(
             if not said_waiting:
                 log(f"waiting for the head {head_host} at {address}")
                 said_waiting = True
-            sleep_until_next(backoff, deadline, stopper, clock)
+            sleep_until_next(probe_backoff, deadline, stopper, clock)
             continue
+        probe_backoff.reset()
         attempts += 1
         log(f"joining {address} (attempt {attempts})")
         proc = start()

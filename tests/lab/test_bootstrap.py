@@ -291,3 +291,18 @@ def test_seed_usage_leader_and_worker(lab, jobs, tmp_path: Path, size: int, expe
         assert took < 25 + 60
     wait_gone(job, 90)
     assert_no_processes(job)
+
+
+def test_time_limit_signal_ends_the_job_with_its_reason(lab, jobs, tmp_path: Path) -> None:
+    """SIGUSR2 is what `#SBATCH --signal=USR2@grace` delivers before the time limit."""
+    jd = make_job(tmp_path, lab, nodes=2, name="usr2")
+    job = sbatch(jd.script)
+    jobs.append(job)
+    wait_running(job)
+    wait_for(_formed(jd, 2), 150, "2-node cluster")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+    gone = wait_gone(job, 60)
+    state = read_state(jd)
+    assert state["phase"] == "ENDED" and state["reason"] == "time limit", state
+    assert_no_processes(job)
+    print(f"USR2 -> job gone in {gone:.1f}s")

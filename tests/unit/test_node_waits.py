@@ -138,9 +138,9 @@ def test_join_waits_for_head_with_growing_backoff(monkeypatch):
         terminate=lambda p: None, backoff=Backoff(rng=random.Random(0)), clock=clock)
     assert res is not None and res.attempts == 1
     assert starts and starts[0] >= opened_at
-    assert starts[0] - opened_at <= 2.0  # joins within one capped backoff step of the head opening
+    assert starts[0] - opened_at <= 0.5  # joins within one capped probe step of the head opening
     gaps = [b - a for a, b in zip(probes, probes[1:])]
-    assert gaps[0] < gaps[3] <= 2.0
+    assert gaps[0] < gaps[3] <= 0.5
 
 
 def test_join_retries_failed_attempts_then_gives_up_naming_the_head(monkeypatch):
