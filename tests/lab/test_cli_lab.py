@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest_cli import (
+from conftest_cli_lab import (
     PARTITION,
     cli,
     fake_python,
