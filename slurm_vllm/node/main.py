@@ -57,27 +57,17 @@ class NodeContext:
     temp_dir: str
     log: Callable[[str], None] = lifecycle.log
     owned: list[OwnedProcess] = field(default_factory=list)
+    # Copied from the topology for the serving step's convenience.
+    rank: int = field(init=False)
+    num_nodes: int = field(init=False)
+    head_host: str = field(init=False)
+    head_ip: str = field(init=False)
+    ip: str = field(init=False)  # this node's own address (the one Ray, vLLM and NCCL use)
 
-    @property
-    def rank(self) -> int:
-        return self.topology.rank
-
-    @property
-    def num_nodes(self) -> int:
-        return self.topology.num_nodes
-
-    @property
-    def head_host(self) -> str:
-        return self.topology.head_host
-
-    @property
-    def head_ip(self) -> str:
-        return self.topology.head_ip
-
-    @property
-    def ip(self) -> str:
-        """This node's own address (the one Ray, vLLM and NCCL use)."""
-        return self.topology.node_ip
+    def __post_init__(self) -> None:
+        t = self.topology
+        self.rank, self.num_nodes, self.head_host, self.head_ip, self.ip = (
+            t.rank, t.num_nodes, t.head_host, t.head_ip, t.node_ip)
 
     @property
     def stop_reason(self) -> str | None:

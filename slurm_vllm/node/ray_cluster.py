@@ -223,7 +223,7 @@ class GcsWatcher:
 
         def build() -> None:
             try:
-                from ray._raylet import GcsClient
+                from ray._raylet import GcsClient  # type: ignore[attr-defined]
 
                 box["client"] = GcsClient(address=self.address)
             except Exception as e:  # noqa: BLE001 - any failure means "not yet"
