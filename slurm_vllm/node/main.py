@@ -290,10 +290,14 @@ class NodeProgram:
             self.log(f"nodes {k}/{n}" + (f" (waiting for {', '.join(missing)})" if missing else ""))
             self._write_state(jd_mod.STARTING_RAY, nodes_joined=k, nodes_expected=n, missing_hosts=missing)
 
-        alive = ray_cluster.wait_for_nodes(watcher, expected=n, hosts=hosts,
-                                           timeout=max(0.0, deadline - time.monotonic()),
-                                           stopper=self.stopper, head=head, on_progress=progress,
-                                           started_at=t0)
+        try:
+            alive = ray_cluster.wait_for_nodes(watcher, expected=n, hosts=hosts,
+                                               timeout=max(0.0, deadline - time.monotonic()),
+                                               stopper=self.stopper, head=head, on_progress=progress,
+                                               started_at=t0)
+        except ray_cluster.ClusterTimeout as e:
+            self._write_state(jd_mod.STARTING_RAY, nodes_joined=e.joined, missing_hosts=e.missing)
+            raise NodeError(f"{e}{self._last_words(hosts, e.missing)}") from None
         if alive is None:
             return 0
         took = time.monotonic() - t0
@@ -310,6 +314,16 @@ class NodeProgram:
                                     name="cluster-watchdog", daemon=True)
         watchdog.start()
         return self._serving_step(ctx)
+
+    def _last_words(self, hosts: list[str], missing: list[str]) -> str:
+        """What each missing node last logged: tells "never started" from "stuck joining"."""
+        parts = []
+        for host in missing:
+            if host not in hosts:
+                continue
+            lines = _tail(self.jobdir.node_log(hosts.index(host)), 1).strip()
+            parts.append(f"{host}: " + (repr(lines[:160]) if lines else "no log yet (its node program never started?)"))
+        return ("; last log line of " + "; ".join(parts)) if parts else ""
 
     def _watch_cluster(self, watcher: ray_cluster.GcsWatcher, head: OwnedProcess, n: int,
                        hosts: list[str]) -> None:
