@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -26,7 +27,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 SEED = 1234
 VOCAB_SIZE = 512
 # head_dim = hidden / heads = 32: vLLM's CPU attention rejects 16.
-SHAPE = {
+SHAPE: dict[str, Any] = {
     "hidden_size": 128,
     "intermediate_size": 256,
     "num_hidden_layers": 4,
@@ -57,7 +58,7 @@ Once upon a time there was a tiny model that answered every question with confid
 """
 
 
-def train_tokenizer() -> "object":
+def train_tokenizer() -> Any:
     """Train a byte-level BPE tokenizer on CORPUS, so no vocabulary file is downloaded."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -96,7 +97,7 @@ def make(out: Path) -> None:
         eos_token_id=tok.token_to_id("</s>"),
         pad_token_id=tok.token_to_id("</s>"),
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        dtype="float32",
         **SHAPE,
     )
     model = LlamaForCausalLM(config)
