@@ -80,6 +80,10 @@ def wait_final_or_ready(jd: Any, timeout: float = READY_TIMEOUT) -> dict[str, An
 def require_ready(jd: Any) -> dict[str, Any]:
     state = wait_final_or_ready(jd)
     assert state["phase"] == "READY", f"{state.get('phase')}: {state.get('reason')}\n{state.get('log_tail')}"
+    times = state.get("phase_times", {})
+    start = min(times.values()) if times else 0.0
+    print(f"\n{jd.path.name}: " + ", ".join(f"{k} at {v - start:.1f}s" for k, v in sorted(times.items(), key=lambda kv: kv[1]))
+          + f"; vLLM loaded in {state.get('load_seconds')}s")
     return state
 
 
@@ -186,6 +190,23 @@ def test_mp_backend_two_nodes_answers_like_a_single_node(lab: dict[str, str], tm
     assert two == single, "temperature 0: the 2-node mp answer differs from the single-node one"
     if "ray-pp2" in ANSWERS:
         assert ANSWERS["ray-pp2"] == single, "temperature 0: the Ray PP=2 answer differs from the single-node one"
+
+
+def test_lab_shim_is_inert_unless_enabled(lab: dict[str, str]) -> None:
+    """The lab venv's CPU Ray shim changes vLLM only when SLURM_VLLM_LAB_CPU_RAY=1."""
+    import os
+
+    python = str(Path(lab_venv(lab)) / "bin" / "python")
+    code = ("from vllm.platforms.cpu import CpuPlatform; "
+            "from vllm.distributed.device_communicators import cpu_communicator as c; "
+            "print(repr(CpuPlatform.ray_device_key), c.CpuCommunicator._all_group_ranks_share_shm_group_name.__name__)")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_VLLM_LAB_CPU_RAY")}
+    off = subprocess.run([python, "-c", code], env=base, capture_output=True, text=True, timeout=120)
+    on = subprocess.run([python, "-c", code], env={**base, "SLURM_VLLM_LAB_CPU_RAY": "1"},
+                        capture_output=True, text=True, timeout=120)
+    assert off.returncode == 0 and on.returncode == 0, off.stderr + on.stderr
+    assert off.stdout.split() == ["''", "_all_group_ranks_share_shm_group_name"]
+    assert on.stdout.split() == ["'vllm_cpu'", "all_ranks_share_shm"]
 
 
 def test_broken_model_fails_with_vllms_error_and_no_orphans(lab: dict[str, str], tmp_path: Path) -> None:
