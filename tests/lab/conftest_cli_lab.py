@@ -70,7 +70,7 @@ def wait_gone(job_id: str, timeout: float = 60) -> None:
 
 REPO = Path(__file__).resolve().parents[2]
 LAB_PROFILE = os.environ.get("SLURM_VLLM_LAB_PROFILE", str(REPO / "scripts" / "lab" / "profile.yaml"))
-LAB_NODES = int(os.environ.get("SLURM_VLLM_LAB_NODES", "1"))  # the flows, not the sharding, are under test here
+LAB_NODES = int(os.environ.get("SLURM_VLLM_LAB_NODES", "2"))
 
 
 def lab_serve_flags() -> list[str]:
