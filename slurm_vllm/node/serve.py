@@ -59,7 +59,8 @@ class NodeContext(Protocol):
     """What this module reads of the node program's context (``node/main.py``'s NodeContext).
 
     ``ports.api`` is the planned vLLM API port, ``ports.mp_master_port`` vLLM's rendezvous
-    port for the mp backend; ``ray_address`` and ``stop_reason`` are read when present.
+    port for the mp backend; ``ray_address``, ``stop_reason`` and ``stopper.failed`` are read
+    when present.
     """
 
     spec: ServeSpec
@@ -364,32 +365,18 @@ def supervise(proc: subprocess.Popen[bytes], stop_event: threading.Event, poll: 
 # --------------------------------------------------------------------------- the head's job
 
 
-def _port(ctx: Any, names: Sequence[str], default: int | None = None) -> int | None:
-    """Read a planned port from the node context (``ctx.ports.<name>`` or ``ctx.<name>``)."""
-    for holder in (getattr(ctx, "ports", None), ctx):
-        if holder is None:
-            continue
-        for name in names:
-            value = holder.get(name) if isinstance(holder, Mapping) else getattr(holder, name, None)
-            if value:
-                return int(value)
-    return default
-
-
 def api_port(ctx: Any) -> int:
-    port = _port(ctx, ("api", "api_port")) or ctx.spec.serve.port
+    """The vLLM API port: the per-job plan's (which honours ``serve.port``), else the spec's."""
+    port = getattr(ctx.ports, "api", None) or ctx.spec.serve.port
     if not port:
         raise ValueError("no vLLM API port planned for this job")
     return int(port)
 
 
 def ray_address(ctx: Any) -> str | None:
-    """The Ray cluster vLLM attaches to: the context's, the environment's, or head IP + GCS port."""
-    explicit = getattr(ctx, "ray_address", None) or (ctx.env or {}).get("RAY_ADDRESS")
-    if explicit:
-        return str(explicit)
-    gcs = _port(ctx, ("gcs_port", "ray_port", "gcs"))
-    return f"{ctx.head_ip}:{gcs}" if gcs else None
+    """The job's own Ray cluster (``ctx.ray_address``, else ``RAY_ADDRESS`` of the node's env)."""
+    address = getattr(ctx, "ray_address", None) or (ctx.env or {}).get("RAY_ADDRESS")
+    return str(address) if address else None
 
 
 def _job_id(ctx: Any) -> str | None:
@@ -515,10 +502,11 @@ def mp_log_path(jobdir: JobDir, rank: int) -> Path:
 
 
 def master_port(ctx: Any) -> int:
-    port = _port(ctx, ("mp_master_port", "master_port", "vllm_master_port"))
+    """vLLM's rendezvous port for the mp backend, from the head's port plan."""
+    port = getattr(ctx.ports, "mp_master_port", None)
     if not port:
         raise ValueError("no vLLM master port planned for this job (--backend mp)")
-    return port
+    return int(port)
 
 
 def _restart_count() -> int:
