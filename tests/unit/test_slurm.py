@@ -414,7 +414,7 @@ def test_recorded_squeue_jobs_map_as_expected() -> None:
     assert jobs["22"].reason is not None and jobs["22"].reason.blocked
     assert jobs["23"].reason is not None and jobs["23"].reason.kind is ReasonKind.WAITING
     assert jobs["24"].reason is not None and jobs["24"].reason.code == "Resources"
-    assert all(j.comment == "slurm_vllm" and j.workdir == "/tmp/cli_rec/work" for j in jobs.values())
+    assert all(j.comment == "slurm_vllm" and j.workdir == "/home/alice/.slurm_vllm/jobs/wrap-20250101-120000" for j in jobs.values())
     limits = {j.job_id: j for j in slurm.parse_squeue(fixture("squeue_lab_limits.txt"))}
     assert limits["26"].reason is not None and limits["26"].reason.blocked  # 9 nodes asked of a 3-node partition
 
