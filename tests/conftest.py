@@ -225,20 +225,32 @@ class Lab:
             return JobResult(job_id, state.split()[0], code)
         return None
 
-    def wait_job(self, job_id: int, timeout: float = 120) -> JobResult:
-        """Poll until the job reaches a terminal state; fail the test at the deadline."""
-        deadline = time.monotonic() + timeout
+    def wait_job(self, job_id: int, timeout: float = 120, pending_timeout: float = 600) -> JobResult:
+        """Poll until the job reaches a terminal state; fail the test at a deadline.
+
+        ``timeout`` counts from the moment the job leaves PENDING; time spent queued behind
+        other jobs has its own, longer ``pending_timeout``.
+        """
+        pending_deadline = time.monotonic() + pending_timeout
+        run_deadline: float | None = None
         last: JobResult | None = None
-        while time.monotonic() < deadline:
+        while True:
             last = self.job_state(job_id)
             if last is not None and last.state in TERMINAL_STATES:
                 return last
+            now = time.monotonic()
+            if last is None or last.state == "PENDING":
+                expired = now > pending_deadline
+            else:
+                run_deadline = run_deadline or now + timeout
+                expired = now > run_deadline
+            if expired:
+                self.run(["scancel", str(job_id)])
+                raise AssertionError(f"job {job_id} did not finish in time (last: {last})")
             time.sleep(0.5)
-        self.run(["scancel", str(job_id)])
-        raise AssertionError(f"job {job_id} did not finish within {timeout} s (last: {last})")
 
-    def wait_running(self, job_id: int, timeout: float = 60) -> None:
-        """Poll until the job runs (fails if it ends or stays pending past the deadline)."""
+    def wait_running(self, job_id: int, timeout: float = 600) -> None:
+        """Poll until the job runs (fails if it ends first or is still queued at the deadline)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             result = self.job_state(job_id)

@@ -75,6 +75,7 @@ def test_process_left_in_background_dies_with_its_step(lab: Lab, tmp_path: Path)
         tmp_path,
     )
     try:
+        lab.wait_running(job)
         deadline = time.monotonic() + 60
         while not (tmp_path / "step-done").exists():
             assert time.monotonic() < deadline, "the step never finished"
