@@ -120,6 +120,9 @@ def one_run(variant: str, n: int, partition: str, venv: str, root: Path, timeout
     job = run(["sbatch", "--parsable", str(script)]).strip().split(";")[0]
     try:
         t0 = time.monotonic()
+        while squeue_state(job) == "PENDING" and time.monotonic() - t0 < 1800:
+            time.sleep(0.5)  # other jobs may hold the nodes; the timeout starts when this one runs
+        t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             ready = ready_time(variant, out)
             if ready is not None:
