@@ -59,8 +59,10 @@ port=$((20000 + SLURM_JOB_ID % 5000 * 2))
 head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 head_ip=$(getent hosts "$head" | cut -d' ' -f1)
 t0=$(date +%s.%N)
-srun --ntasks-per-node=1 bash node.sh "$head_ip" "$port" {ray} &
-srun --overlap --nodes=1 --ntasks=1 -w "$head" timeout 150 \\
+# Explicit step memory: with CR_Core_Memory a step without --mem takes all of the job's memory
+# on its nodes, and the overlapping driver step would be refused.
+srun --ntasks-per-node=1 --mem=600M bash node.sh "$head_ip" "$port" {ray} &
+srun --overlap --nodes=1 --ntasks=1 --mem=300M -w "$head" timeout 150 \\
     {python} driver.py "$head_ip:$port" "$SLURM_JOB_NUM_NODES" "$t0" > result.json
 """
 
