@@ -141,6 +141,16 @@ def test_up_refuses_to_start_over_leftovers(lab: Lab, tmp_path: Path) -> None:
     assert "scripts/slurm-lab down" in proc.stderr, proc.stderr
     assert sorted(p.name for p in home.iterdir()) == ["run"], "up wrote state over leftovers"
 
+    # `down` for that lab home clears it and leaves the running lab alone.
+    hosts_before = Path("/etc/hosts").read_text()
+    down = subprocess.run(
+        [str(lab.script), "down"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert down.returncode == 0, down.stderr
+    assert not (home / "run").exists()
+    assert Path("/etc/hosts").read_text() == hosts_before
+    assert lab.current_env()["LAB_UP"] == "1"
+
 
 def _process_start(pid: int) -> str | None:
     """Start time of a PID (field 22 of /proc/PID/stat): tells a reused PID from the original."""
