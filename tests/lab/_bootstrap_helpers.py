@@ -100,9 +100,14 @@ def sbatch(script: Path, *args: str) -> str:
 
 
 def squeue_state(job_id: str) -> str | None:
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                         timeout=30, check=False)
-    return out.stdout.strip() or None
+    """The job's state, or None once Slurm no longer lists it (a failing squeue is retried)."""
+    for _ in range(10):
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                             timeout=30, check=False)
+        if out.returncode == 0 or "Invalid job id" in out.stderr:
+            return out.stdout.strip() or None
+        time.sleep(1)
+    raise AssertionError(f"squeue keeps failing: {out.stderr.strip()}")
 
 
 def wait_running(job_id: str, timeout: float = 300) -> None:

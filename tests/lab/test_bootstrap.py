@@ -8,8 +8,10 @@ cluster (SLURM_VLLM_NODE_NO_SERVE=1).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,8 +42,18 @@ def lab() -> dict[str, str]:
 
 
 @pytest.fixture
-def jobs():
-    """Job ids a test submitted; cancelled at the end whatever happened."""
+def workdir():
+    """Job directories outside pytest's tmp_path: concurrent pytest runs on the same machine
+    prune each other's old tmp_path trees, which would delete a running job's directory."""
+    path = Path(tempfile.mkdtemp(prefix="svl-boot-", dir=os.environ.get("SLURM_VLLM_LAB_TMP", "/tmp")))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def jobs(workdir: Path):
+    """Job ids a test submitted; cancelled at the end whatever happened (before its directory goes)."""
     ids: list[str] = []
     yield ids
     for j in ids:
@@ -61,8 +73,8 @@ def _formed(jd, n: int):
 
 
 @pytest.mark.parametrize("n", [2, 3])
-def test_cluster_forms_with_distinct_ips_and_progress(lab, jobs, tmp_path: Path, n: int) -> None:
-    jd = make_job(tmp_path, lab, nodes=n, name=f"form{n}")
+def test_cluster_forms_with_distinct_ips_and_progress(lab, jobs, workdir: Path, n: int) -> None:
+    jd = make_job(workdir, lab, nodes=n, name=f"form{n}")
     job = sbatch(jd.script)
     jobs.append(job)
     wait_running(job)
@@ -77,7 +89,11 @@ def test_cluster_forms_with_distinct_ips_and_progress(lab, jobs, tmp_path: Path,
                 seen.append(key)
         return s if s.get("phase") == "LOADING_MODEL" else None
 
-    state = wait_for(progress, 150, f"{n}-node cluster to form", poll=0.05)
+    try:
+        state = wait_for(progress, 150, f"{n}-node cluster to form", poll=0.05)
+    except AssertionError as e:
+        logs = "\n".join(f"--- node {r}:\n{node_log(jd, r)[-1500:]}" for r in range(n))
+        raise AssertionError(f"{e}; job {job} {squeue_state(job)}; dir {jd.path}; state {read_state(jd)}\n{logs}") from None
     took = time.monotonic() - t0
     assert state["nodes_joined"] == state["nodes_expected"] == n and state["missing_hosts"] == []
     ips = [node["ip"] for node in state["nodes"]]
@@ -99,8 +115,8 @@ def test_cluster_forms_with_distinct_ips_and_progress(lab, jobs, tmp_path: Path,
     assert_no_processes(job)
 
 
-def test_scancel_of_formed_cluster_leaves_nothing(lab, jobs, tmp_path: Path) -> None:
-    jd = make_job(tmp_path, lab, nodes=3, name="cancel3")
+def test_scancel_of_formed_cluster_leaves_nothing(lab, jobs, workdir: Path) -> None:
+    jd = make_job(workdir, lab, nodes=3, name="cancel3")
     job = sbatch(jd.script)
     jobs.append(job)
     wait_running(job)
@@ -116,8 +132,8 @@ def test_scancel_of_formed_cluster_leaves_nothing(lab, jobs, tmp_path: Path) -> 
     print(f"scancel -> job gone in {gone:.1f}s ({time.monotonic() - t0:.1f}s)")
 
 
-def test_workers_started_before_a_delayed_head_still_join(lab, jobs, tmp_path: Path) -> None:
-    jd = make_job(tmp_path, lab, nodes=3, name="late-head", join_timeout=90)
+def test_workers_started_before_a_delayed_head_still_join(lab, jobs, workdir: Path) -> None:
+    jd = make_job(workdir, lab, nodes=3, name="late-head", join_timeout=90)
     script = wrap_node_command(jd, 'if [ "$SLURM_NODEID" = 0 ]; then sleep 25; fi')
     job = sbatch(script)
     jobs.append(job)
@@ -134,8 +150,8 @@ def test_workers_started_before_a_delayed_head_still_join(lab, jobs, tmp_path: P
     assert ready - published < 30
 
 
-def test_head_never_up_workers_fail_by_deadline_naming_head(lab, jobs, tmp_path: Path) -> None:
-    jd = make_job(tmp_path, lab, nodes=3, name="no-head", join_timeout=20)
+def test_head_never_up_workers_fail_by_deadline_naming_head(lab, jobs, workdir: Path) -> None:
+    jd = make_job(workdir, lab, nodes=3, name="no-head", join_timeout=20)
     script = wrap_node_command(jd, 'if [ "$SLURM_NODEID" = 0 ]; then exec sleep 100000; fi')
     job = sbatch(script)
     jobs.append(job)
@@ -154,8 +170,8 @@ def test_head_never_up_workers_fail_by_deadline_naming_head(lab, jobs, tmp_path:
     print(f"workers gave up and the job ended {total:.1f}s after it started (job gone wait {gone:.1f}s) {head}")
 
 
-def test_node_that_never_joins_fails_head_at_deadline_naming_it(lab, jobs, tmp_path: Path) -> None:
-    jd = make_job(tmp_path, lab, nodes=3, name="lost-node", cluster_timeout=35)
+def test_node_that_never_joins_fails_head_at_deadline_naming_it(lab, jobs, workdir: Path) -> None:
+    jd = make_job(workdir, lab, nodes=3, name="lost-node", cluster_timeout=35)
     script = wrap_node_command(jd, 'if [ "$SLURM_NODEID" = 2 ]; then exec sleep 100000; fi')
     job = sbatch(script)
     jobs.append(job)
@@ -170,9 +186,9 @@ def test_node_that_never_joins_fails_head_at_deadline_naming_it(lab, jobs, tmp_p
     assert_no_processes(job, timeout=10)
 
 
-def test_two_jobs_sharing_nodes_both_form(lab, jobs, tmp_path: Path) -> None:
-    a = make_job(tmp_path, lab, nodes=2, name="share-a", gpus=1, cpus=1, mem="1G")
-    b = make_job(tmp_path, lab, nodes=2, name="share-b", gpus=1, cpus=1, mem="1G")
+def test_two_jobs_sharing_nodes_both_form(lab, jobs, workdir: Path) -> None:
+    a = make_job(workdir, lab, nodes=2, name="share-a", gpus=1, cpus=1, mem="1G")
+    b = make_job(workdir, lab, nodes=2, name="share-b", gpus=1, cpus=1, mem="1G")
     ja = sbatch(a.script)
     jb = sbatch(b.script)
     jobs.extend([ja, jb])
@@ -205,8 +221,8 @@ except Exception as e:
 """
 
 
-def test_node_without_the_token_cannot_join(lab, jobs, tmp_path: Path) -> None:
-    jd = make_job(tmp_path, lab, nodes=2, name="token")
+def test_node_without_the_token_cannot_join(lab, jobs, workdir: Path) -> None:
+    jd = make_job(workdir, lab, nodes=2, name="token")
     job = sbatch(jd.script)
     jobs.append(job)
     wait_running(job)
@@ -214,7 +230,7 @@ def test_node_without_the_token_cannot_join(lab, jobs, tmp_path: Path) -> None:
     address = state["ray_address"]
     ray = str(Path(sys.executable).parent / "ray")
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    base.update(HOME=str(tmp_path), RAY_USAGE_STATS_ENABLED="0")  # no ~/.ray/auth_token either
+    base.update(HOME=str(workdir), RAY_USAGE_STATS_ENABLED="0")  # no ~/.ray/auth_token either
     host_ip = lab.get("LAB_HOST_IP", "")
     tries = {
         "no token": dict(base),
@@ -266,10 +282,10 @@ fi'
 
 
 @pytest.mark.parametrize("size, expect_rc", [(2, "0"), (3, "1")])
-def test_seed_usage_leader_and_worker(lab, jobs, tmp_path: Path, size: int, expect_rc: str) -> None:
+def test_seed_usage_leader_and_worker(lab, jobs, workdir: Path, size: int, expect_rc: str) -> None:
     from _bootstrap_helpers import lab_venv
 
-    out = tmp_path / f"seed{size}"
+    out = workdir / f"seed{size}"
     out.mkdir()
     script = out / "seed.sbatch"
     script.write_text(SEED_SCRIPT.format(partition=lab.get("LAB_PARTITION", "debug"), out=out,
@@ -293,9 +309,9 @@ def test_seed_usage_leader_and_worker(lab, jobs, tmp_path: Path, size: int, expe
     assert_no_processes(job)
 
 
-def test_time_limit_signal_ends_the_job_with_its_reason(lab, jobs, tmp_path: Path) -> None:
+def test_time_limit_signal_ends_the_job_with_its_reason(lab, jobs, workdir: Path) -> None:
     """SIGUSR2 is what `#SBATCH --signal=USR2@grace` delivers before the time limit."""
-    jd = make_job(tmp_path, lab, nodes=2, name="usr2")
+    jd = make_job(workdir, lab, nodes=2, name="usr2")
     job = sbatch(jd.script)
     jobs.append(job)
     wait_running(job)
