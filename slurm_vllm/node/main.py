@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -34,7 +35,7 @@ ENV_NO_SERVE = "SLURM_VLLM_NODE_NO_SERVE"
 ENV_KEEP_TMP = "SLURM_VLLM_KEEP_RAY_TMP"
 
 HEAD_LOST_AFTER = 10.0  # a worker declares the head gone after this long without its GCS port
-TEARDOWN_GRACE = 3.0  # Ray keeps nothing worth a longer wait; Slurm's KillWait may be short
+TEARDOWN_GRACE = 1.5  # Ray keeps nothing worth a longer wait; Slurm's KillWait may be 3 s or less
 
 
 @dataclass
@@ -232,6 +233,7 @@ class NodeProgram:
                            host=topo.hostname)
         self.ports = ports
         self.temp_dir = ray_cluster.short_temp_dir(topo.job_id, topo.rank)
+        self._sweep_stale_temp_dirs(topo)
         if spec.backend == "mp":
             return self._run_mp(spec, topo, ports)
         token = self.jobdir.ray_token
@@ -240,6 +242,18 @@ class NodeProgram:
         if topo.is_head:
             return self._run_head(spec, topo, ports, token)
         return self._run_worker(spec, topo, ports, token)
+
+    def _sweep_stale_temp_dirs(self, topo: Topology) -> None:
+        """Clear temp dirs left by earlier jobs whose node program Slurm had to kill."""
+        try:
+            out = subprocess.run(["squeue", "-h", "--me", "-o", "%A"], capture_output=True, text=True,
+                                 timeout=15, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return  # without Slurm's word, leave everything alone
+        running = {line.strip() for line in out.splitlines() if line.strip()} | {topo.job_id}  # %A: unique ids
+        removed = ray_cluster.sweep_stale_temp_dirs(running, root=str(Path(str(self.temp_dir)).parent))
+        if removed:
+            self.log(f"removed {len(removed)} stale Ray temp dir(s) of ended jobs")
 
     # ------------------------------------------------------------ head
 

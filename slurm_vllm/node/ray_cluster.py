@@ -140,6 +140,36 @@ def short_temp_dir(job_id: str, rank: int) -> str:
     return path
 
 
+def sweep_stale_temp_dirs(running_job_ids: set[str], root: str = "/tmp", min_age: float = 600.0,
+                          now: float | None = None) -> list[str]:
+    """Remove Ray temp dirs of this user's jobs that no longer run (``svl-<job>-<rank>``).
+
+    A node program killed by Slurm (KillWait after SIGTERM, or --kill-on-bad-exit) cannot remove
+    its own temp dir; the next job on the node does. Only our own, only old ones, only of jobs
+    Slurm no longer lists.
+    """
+    now = time.time() if now is None else now
+    removed: list[str] = []
+    try:
+        entries = os.listdir(root)
+    except OSError:
+        return removed
+    for name in entries:
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] != "svl" or not parts[2].isdigit() or parts[1] in running_job_ids:
+            continue
+        path = os.path.join(root, name)
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if st.st_uid != os.getuid() or now - st.st_mtime < min_age:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 def ray_start_argv(*, ray: str, node_ip: str, temp_dir: str, port_args: Sequence[str],
                    head_address: str | None = None, node_name: str | None = None,
                    num_gpus: int | None = None, num_cpus: int | None = None,

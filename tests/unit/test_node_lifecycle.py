@@ -67,3 +67,20 @@ def test_signal_reasons_and_stopper():
     f = Stopper()
     f.fail("node x left")
     assert f.failed and f.reason == "node x left"
+
+
+def test_sweep_removes_only_old_dirs_of_jobs_no_longer_running(tmp_path):
+    import time as _t
+
+    from slurm_vllm.node.ray_cluster import sweep_stale_temp_dirs
+
+    old, running, young, other = (tmp_path / n for n in ("svl-11-0", "svl-12-1", "svl-13-0", "svl-x-y"))
+    for d in (old, running, young, other):
+        d.mkdir()
+        (d / "f").write_text("x")
+    past = _t.time() - 3600
+    for d in (old, running, other):
+        os.utime(d, (past, past))
+    removed = sweep_stale_temp_dirs({"12"}, root=str(tmp_path))
+    assert removed == [str(old)]
+    assert not old.exists() and running.exists() and young.exists() and other.exists()
