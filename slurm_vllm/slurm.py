@@ -368,33 +368,41 @@ def _int_or_none(text: str) -> int | None:
         return None
 
 
+def _rows(text: str, n: int) -> list[list[str]]:
+    """Split Slurm's delimited output into rows of ``n`` fields, skipping lines not in our format."""
+    rows = []
+    for line in text.splitlines():
+        parts = line.split(SEP, n - 1)
+        if line.strip() and len(parts) == n:
+            rows.append(parts)
+    return rows
+
+
+def _job(source: str, jid: str, state: str, reason: str, name: str, nodes: str, nodelist: str,
+         elapsed: str, limit: str, workdir: str, **extra: str) -> SlurmJob:
+    """One SlurmJob from the fields squeue and sacct share."""
+    st = parse_state(state)
+    return SlurmJob(
+        job_id=jid.strip(),
+        state=st,
+        reason=parse_reason(reason) if st.category is Category.PENDING else None,
+        name=name,
+        nodes=_int_or_none(nodes.strip()),
+        nodelist=nodelist.strip(),
+        elapsed=elapsed.strip(),
+        time_limit=limit.strip(),
+        workdir=workdir.rstrip("\n"),
+        source=source,
+        **extra,
+    )
+
+
 def parse_squeue(text: str) -> list[SlurmJob]:
     """Parse ``squeue --noheader -o`` output in :data:`SQUEUE_FIELDS` order."""
     jobs = []
-    n = len(SQUEUE_FIELDS)
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        parts = line.split(SEP, n - 1)
-        if len(parts) < n:
-            continue  # not our format (a warning line); skip rather than crash
-        jid, state, reason, name, nodes, nodelist, elapsed, limit, comment, workdir = parts
-        st = parse_state(state)
-        jobs.append(
-            SlurmJob(
-                job_id=jid.strip(),
-                state=st,
-                reason=parse_reason(reason) if st.category is Category.PENDING else None,
-                name=name,
-                nodes=_int_or_none(nodes.strip()),
-                nodelist=nodelist.strip(),
-                elapsed=elapsed.strip(),
-                time_limit=limit.strip(),
-                comment="" if comment == "(null)" else comment,
-                workdir=workdir.rstrip("\n"),
-                source="squeue",
-            )
-        )
+    for jid, state, reason, name, nodes, nodelist, elapsed, limit, comment, workdir in _rows(text, len(SQUEUE_FIELDS)):
+        jobs.append(_job("squeue", jid, state, reason, name, nodes, nodelist, elapsed, limit, workdir,
+                         comment="" if comment == "(null)" else comment))
     return jobs
 
 
@@ -404,32 +412,10 @@ def parse_sacct(text: str) -> list[SlurmJob]:
     Only allocation lines are kept (no ``123.batch`` steps), so one line per job.
     """
     jobs = []
-    n = len(SACCT_FIELDS)
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        parts = line.split(SEP, n - 1)
-        if len(parts) < n:
-            continue
-        jid, state, reason, name, nodes, nodelist, elapsed, limit, exit_code, workdir = parts
-        if "." in jid:
-            continue
-        st = parse_state(state)
-        jobs.append(
-            SlurmJob(
-                job_id=jid.strip(),
-                state=st,
-                reason=parse_reason(reason) if st.category is Category.PENDING else None,
-                name=name,
-                nodes=_int_or_none(nodes.strip()),
-                nodelist=nodelist.strip(),
-                elapsed=elapsed.strip(),
-                time_limit=limit.strip(),
-                exit_code=exit_code.strip(),
-                workdir=workdir.rstrip("\n"),
-                source="sacct",
-            )
-        )
+    for jid, state, reason, name, nodes, nodelist, elapsed, limit, exit_code, workdir in _rows(text, len(SACCT_FIELDS)):
+        if "." not in jid:
+            jobs.append(_job("sacct", jid, state, reason, name, nodes, nodelist, elapsed, limit, workdir,
+                             exit_code=exit_code.strip()))
     return jobs
 
 
