@@ -83,6 +83,22 @@ class WaitTimeoutError(SlurmVllmError, TimeoutError):
     exit_code = 5
 
 
+class JobBlockedError(SlurmVllmError, RuntimeError):
+    """The job waits for something that will never happen (bad account, QOS, per-job limit).
+
+    It is still queued; the message says why and how to cancel it. Exit code 3, like any other
+    refusal by Slurm.
+    """
+
+    exit_code = 3
+
+
+class EndpointNotReadyError(SlurmVllmError, RuntimeError):
+    """The endpoint was asked for before the job published one."""
+
+    exit_code = 1
+
+
 class NodeError(SlurmVllmError, RuntimeError):
     """A failure inside the job on a compute node; the message names the node and the cause."""
 

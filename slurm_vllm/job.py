@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from slurm_vllm import slurm
-from slurm_vllm.errors import JobFailedError, JobNotFoundError, SlurmVllmError, WaitTimeoutError
+from slurm_vllm.errors import (
+    EndpointNotReadyError,
+    JobBlockedError,
+    JobFailedError,
+    JobNotFoundError,
+    SlurmVllmError,
+    WaitTimeoutError,
+)
 from slurm_vllm.jobdir import ENDED, FAILED, LOADING_MODEL, READY, STARTING_RAY, JobDir, default_jobs_root
 
 PENDING = "PENDING"
@@ -29,22 +36,6 @@ UNKNOWN = "UNKNOWN"
 
 #: How many lines of a failing node's log a FAILED status carries.
 LOG_TAIL_LINES = 20
-
-
-class JobBlockedError(SlurmVllmError, RuntimeError):
-    """The job waits for something that will never happen (bad account, QOS, per-job limit).
-
-    It is still queued; the message says why and how to cancel it. Exit code 3, like any other
-    refusal by Slurm.
-    """
-
-    exit_code = 3
-
-
-class EndpointNotReadyError(SlurmVllmError, RuntimeError):
-    """The endpoint was asked for before the job published one."""
-
-    exit_code = 1
 
 
 @dataclass(frozen=True)

@@ -660,9 +660,9 @@ def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
     if not r.job_name.strip():
         add(SpecError("job_name", r.job_name, "give a non-empty job name", problem="is empty"))
     for name in ("job_name", "partition", "account", "qos", "constraint", "job_dir"):
-        value = spec.job_dir if name == "job_dir" else getattr(r, name)
-        if value is not None and any(w in value.lower() for w in ("hetjob", "packjob")):
-            add(SpecError(name, value, "choose a value without 'hetjob'/'packjob' (sbatch reads them as "
+        sbatch_text: str | None = spec.job_dir if name == "job_dir" else getattr(r, name)
+        if sbatch_text is not None and any(w in sbatch_text.lower() for w in ("hetjob", "packjob")):
+            add(SpecError(name, sbatch_text, "choose a value without 'hetjob'/'packjob' (sbatch reads them as "
                                        "a job separator)", problem="cannot be written on an #SBATCH line"))
     errors.extend(check_sbatch_args(r.sbatch_args))
 
