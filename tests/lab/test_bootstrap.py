@@ -51,10 +51,21 @@ def workdir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+class Jobs(list):
+    """Job ids a test submitted, so the fixture can cancel them whatever happened."""
+
+    def start(self, script: Path) -> str:
+        """Submit ``script``, remember its id, and wait through PENDING until it runs."""
+        job = sbatch(script)
+        self.append(job)
+        wait_running(job)
+        return job
+
+
 @pytest.fixture
 def jobs(workdir: Path):
     """Job ids a test submitted; cancelled at the end whatever happened (before its directory goes)."""
-    ids: list[str] = []
+    ids = Jobs()
     yield ids
     for j in ids:
         scancel(j)
@@ -75,9 +86,7 @@ def _formed(jd, n: int):
 @pytest.mark.parametrize("n", [2, 3])
 def test_cluster_forms_with_distinct_ips_and_progress(lab, jobs, workdir: Path, n: int) -> None:
     jd = make_job(workdir, lab, nodes=n, name=f"form{n}")
-    job = sbatch(jd.script)
-    jobs.append(job)
-    wait_running(job)
+    job = jobs.start(jd.script)
     t0 = time.monotonic()
     seen: list[tuple[str, int]] = []
 
@@ -117,9 +126,7 @@ def test_cluster_forms_with_distinct_ips_and_progress(lab, jobs, workdir: Path, 
 
 def test_scancel_of_formed_cluster_leaves_nothing(lab, jobs, workdir: Path) -> None:
     jd = make_job(workdir, lab, nodes=3, name="cancel3")
-    job = sbatch(jd.script)
-    jobs.append(job)
-    wait_running(job)
+    job = jobs.start(jd.script)
     wait_for(_formed(jd, 3), 150, "3-node cluster")
     t0 = time.monotonic()
     scancel(job)
@@ -135,9 +142,7 @@ def test_scancel_of_formed_cluster_leaves_nothing(lab, jobs, workdir: Path) -> N
 def test_workers_started_before_a_delayed_head_still_join(lab, jobs, workdir: Path) -> None:
     jd = make_job(workdir, lab, nodes=3, name="late-head", join_timeout=90)
     script = wrap_node_command(jd, 'if [ "$SLURM_NODEID" = 0 ]; then sleep 25; fi')
-    job = sbatch(script)
-    jobs.append(job)
-    wait_running(job)
+    job = jobs.start(script)
     state = wait_for(_formed(jd, 3), 180, "cluster with a late head")
     published = float(__import__("json").loads(jd.head.read_text())["published_at"])
     ready = state["updated_at"]
@@ -153,9 +158,7 @@ def test_workers_started_before_a_delayed_head_still_join(lab, jobs, workdir: Pa
 def test_head_never_up_workers_fail_by_deadline_naming_head(lab, jobs, workdir: Path) -> None:
     jd = make_job(workdir, lab, nodes=3, name="no-head", join_timeout=20)
     script = wrap_node_command(jd, 'if [ "$SLURM_NODEID" = 0 ]; then exec sleep 100000; fi')
-    job = sbatch(script)
-    jobs.append(job)
-    wait_running(job)
+    job = jobs.start(script)
     t0 = time.monotonic()
     gone = wait_gone(job, 120)
     total = time.monotonic() - t0
@@ -173,9 +176,7 @@ def test_head_never_up_workers_fail_by_deadline_naming_head(lab, jobs, workdir: 
 def test_node_that_never_joins_fails_head_at_deadline_naming_it(lab, jobs, workdir: Path) -> None:
     jd = make_job(workdir, lab, nodes=3, name="lost-node", cluster_timeout=35)
     script = wrap_node_command(jd, 'if [ "$SLURM_NODEID" = 2 ]; then exec sleep 100000; fi')
-    job = sbatch(script)
-    jobs.append(job)
-    wait_running(job)
+    job = jobs.start(script)
     hosts = job_nodes(job)
     wait_gone(job, 150)
     state = read_state(jd)
@@ -223,9 +224,7 @@ except Exception as e:
 
 def test_node_without_the_token_cannot_join(lab, jobs, workdir: Path) -> None:
     jd = make_job(workdir, lab, nodes=2, name="token")
-    job = sbatch(jd.script)
-    jobs.append(job)
-    wait_running(job)
+    job = jobs.start(jd.script)
     state = wait_for(_formed(jd, 2), 150, "2-node cluster")
     address = state["ray_address"]
     ray = str(Path(sys.executable).parent / "ray")
@@ -290,9 +289,7 @@ def test_seed_usage_leader_and_worker(lab, jobs, workdir: Path, size: int, expec
     script = out / "seed.sbatch"
     script.write_text(SEED_SCRIPT.format(partition=lab.get("LAB_PARTITION", "debug"), out=out,
                                          venv=lab_venv(lab), size=size, timeout=25))
-    job = sbatch(script)
-    jobs.append(job)
-    wait_running(job)
+    job = jobs.start(script)
     t0 = time.monotonic()
     rc = wait_for(lambda: (out / "leader-rc").exists() and (out / "leader-rc").read_text().strip(), 120,
                   "leader exit code")
@@ -312,9 +309,7 @@ def test_seed_usage_leader_and_worker(lab, jobs, workdir: Path, size: int, expec
 def test_time_limit_signal_ends_the_job_with_its_reason(lab, jobs, workdir: Path) -> None:
     """SIGUSR2 is what `#SBATCH --signal=USR2@grace` delivers before the time limit."""
     jd = make_job(workdir, lab, nodes=2, name="usr2")
-    job = sbatch(jd.script)
-    jobs.append(job)
-    wait_running(job)
+    job = jobs.start(jd.script)
     wait_for(_formed(jd, 2), 150, "2-node cluster")
     subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
     gone = wait_gone(job, 60)
