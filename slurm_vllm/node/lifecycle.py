@@ -164,11 +164,12 @@ class OwnedProcess:
     """A child started in its own session: its process group is this job's alone."""
 
     def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], *,
-                 stdout: IO[Any] | int | None = None, cwd: str | None = None) -> None:
+                 stdout: IO[Any] | int | None = None, cwd: str | None = None,
+                 stdin: int = subprocess.DEVNULL) -> None:
         self.name = name
         self.argv = list(argv)
         self.popen = subprocess.Popen(self.argv, env=dict(env), stdout=stdout, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
+                                      stdin=stdin, start_new_session=True, cwd=cwd)
         self.pid = self.popen.pid
         self.started = time.monotonic()
 

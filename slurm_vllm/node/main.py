@@ -26,6 +26,7 @@ from slurm_vllm.jobdir import JobDir
 from slurm_vllm.node import lifecycle, ray_cluster, topology
 from slurm_vllm.node.lifecycle import OwnedProcess, Stopper
 from slurm_vllm.node.ports import PortPlan, plan_ports
+from slurm_vllm.node.ray_launch import WarmRayStart, launcher_argv, ray_command
 from slurm_vllm.node.topology import Topology
 from slurm_vllm.spec import ServeSpec, load_spec_json
 
@@ -259,16 +260,17 @@ class NodeProgram:
 
     def _ray_argv(self, topo: Topology, ports: PortPlan, head_address: str | None) -> list[str]:
         return ray_cluster.ray_start_argv(
-            ray=ray_cluster.ray_executable(), node_ip=topo.node_ip, temp_dir=str(self.temp_dir),
+            ray=ray_command(), node_ip=topo.node_ip, temp_dir=str(self.temp_dir),
             port_args=ports.ray_start_args(head=head_address is None), head_address=head_address,
             node_name=topo.hostname, num_gpus=ray_cluster.count_gpus(self.env),
             num_cpus=ray_cluster.count_cpus(self.env))
 
-    def _start(self, name: str, argv: list[str], env: Mapping[str, str]) -> OwnedProcess:
+    def _start(self, name: str, argv: list[str], env: Mapping[str, str],
+               stdin: int = subprocess.DEVNULL) -> OwnedProcess:
         self.jobdir.logs.mkdir(parents=True, exist_ok=True)
         assert self.topo is not None
         with open(ray_log_path(self.jobdir, self.topo.rank), "ab") as out:
-            proc = OwnedProcess(name, argv, env, stdout=out)
+            proc = OwnedProcess(name, argv, env, stdout=out, stdin=stdin)
         self.owned.append(proc)
         return proc
 
@@ -412,6 +414,18 @@ class NodeProgram:
     def _run_worker(self, spec: ServeSpec, topo: Topology, ports: PortPlan, token: Path) -> int:
         t0 = time.monotonic()
         deadline = t0 + spec.ray.join_timeout
+        # Import Ray's CLI now, while the head comes up: it is then ready the moment the head is.
+        warm_env = ray_cluster.ray_env(self.env, node_ip=topo.node_ip, interface=topo.interface, token_path=token)
+        launcher = ray_command()
+        warm = WarmRayStart(self._start("ray-worker", launcher, warm_env, stdin=subprocess.PIPE)
+                            if launcher == launcher_argv() else None, warm_env)
+        try:
+            return self._join_and_stay(spec, topo, ports, token, t0, deadline, warm)
+        finally:
+            warm.close()
+
+    def _join_and_stay(self, spec: ServeSpec, topo: Topology, ports: PortPlan, token: Path, t0: float,
+                       deadline: float, warm: WarmRayStart) -> int:
         info = self._wait_head_json(topo, deadline)
         if info is None:
             return 0
@@ -430,7 +444,8 @@ class NodeProgram:
                 self.owned.remove(p)
 
         joined = ray_cluster.join_cluster(
-            start=lambda: self._start("ray-worker", argv, env), head_host=topo.head_host, head_ip=head_ip,
+            start=lambda: warm.hand_over(argv, env) or self._start("ray-worker", argv, env),
+            head_host=topo.head_host, head_ip=head_ip,
             gcs_port=gcs_port, node_ip=topo.node_ip, node_manager_port=ports.node_manager,
             timeout=spec.ray.join_timeout, stopper=self.stopper, log=self.log, terminate=stop_proc,
             backoff=ray_cluster.Backoff(initial=0.2, cap=2.0), started_at=t0)

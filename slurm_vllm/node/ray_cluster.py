@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -74,16 +73,15 @@ def sleep_until_next(backoff: Backoff, deadline: float, stopper: Stopper | None,
 # ---------------------------------------------------------------- environment and argv
 
 
-def ray_executable() -> str:
-    """The ``ray`` CLI of the Python running us (a venv's bin), else the one on PATH."""
-    here = Path(sys.executable).parent / "ray"
-    if here.exists():
-        return str(here)
-    found = shutil.which("ray")
-    if not found:
-        raise NodeError(f"node {socket.gethostname()}: the `ray` command is not installed "
-                        f"next to {sys.executable} nor on PATH (pip install 'ray[default]')")
-    return found
+#: Ray's raylet and workers retry their node-local socket connections (the object store, the
+#: raylet) every ``raylet_client_connect_timeout_milliseconds`` (default 1000) for
+#: ``raylet_client_num_connect_attempts`` (default 10) tries. A starting raylet's first try at its
+#: own object store always misses, so every node paid a whole second. The same 10 s budget in
+#: 100 ms steps. Left alone when the site sets either.
+LOCAL_CONNECT_RETRY = {
+    "RAY_raylet_client_connect_timeout_milliseconds": "100",
+    "RAY_raylet_client_num_connect_attempts": "100",
+}
 
 
 def ray_env(base: Mapping[str, str], *, node_ip: str, interface: str | None,
@@ -91,8 +89,9 @@ def ray_env(base: Mapping[str, str], *, node_ip: str, interface: str | None,
     """The environment for ``ray start``: Ray's workers inherit it, so vLLM's do too.
 
     Sets the node's one address for vLLM and the interface for Gloo/NCCL, turns token auth on
-    with the job's token file, turns usage stats off, and makes SIGTERM tear Ray down at once
-    (Ray 2.5x otherwise drains for up to 30 s before stopping its processes).
+    with the job's token file, turns usage stats off, makes SIGTERM tear Ray down at once
+    (Ray 2.5x otherwise drains for up to 30 s before stopping its processes), and retries
+    node-local connections in short steps (``LOCAL_CONNECT_RETRY``).
     """
     env = dict(base)
     env.pop("RAY_ADDRESS", None)
@@ -101,6 +100,8 @@ def ray_env(base: Mapping[str, str], *, node_ip: str, interface: str | None,
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
         "VLLM_HOST_IP": node_ip,
     })
+    if not any(k in env for k in LOCAL_CONNECT_RETRY):
+        env.update(LOCAL_CONNECT_RETRY)
     if interface:
         env["GLOO_SOCKET_IFNAME"] = interface
         env["NCCL_SOCKET_IFNAME"] = interface
@@ -170,12 +171,12 @@ def sweep_stale_temp_dirs(running_job_ids: set[str], root: str = "/tmp", min_age
     return removed
 
 
-def ray_start_argv(*, ray: str, node_ip: str, temp_dir: str, port_args: Sequence[str],
+def ray_start_argv(*, ray: Sequence[str], node_ip: str, temp_dir: str, port_args: Sequence[str],
                    head_address: str | None = None, node_name: str | None = None,
                    num_gpus: int | None = None, num_cpus: int | None = None,
                    block: bool = True, extra: Sequence[str] = ()) -> list[str]:
     """``ray start`` for a head (``head_address`` None) or a worker joining ``head_address``."""
-    argv = [ray, "start"]
+    argv = [*ray, "start"]
     argv += ["--head"] if head_address is None else [f"--address={head_address}"]
     argv += [f"--node-ip-address={node_ip}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     if node_name:
@@ -362,6 +363,13 @@ class JoinResult:
     seconds: float
 
 
+def head_registered(watcher: GcsWatcher, timeout: float = 1.0) -> bool:
+    """True when the GCS lists an alive head node: its raylet has registered."""
+    if not watcher.connect(timeout=max(0.5, timeout)):
+        return False
+    return any(n.is_head and n.alive for n in watcher.nodes(timeout=timeout) or ())
+
+
 def join_cluster(
     *,
     start: Callable[[], OwnedProcess],
@@ -382,42 +390,59 @@ def join_cluster(
 ) -> JoinResult | None:
     """Join the head at ``head_ip:gcs_port`` before the deadline; None when stopped first.
 
-    Each attempt: wait for the GCS port (TCP probe with backoff), start ``ray start --address
-    --block``, then confirm the join by finding this node's raylet alive in the GCS. An attempt
-    whose process exits is retried after a jittered, growing delay.
+    Each attempt waits until the head is ready to be joined (its GCS port accepts connections,
+    then the GCS lists the head's own raylet alive: ``ray start --address`` reads that record
+    first and re-polls for it only every 2 s), starts ``ray start --address --block``, then
+    confirms the join by finding this node's raylet alive in the GCS. An attempt whose process
+    exits is retried after a jittered, growing delay.
     """
     backoff = backoff or Backoff()
-    # Probing a closed port costs a SYN and a RST: poll it more often than we retry ray start.
+    # Probes cost a SYN/RST or one small RPC: poll them more often than we retry ray start.
     probe_backoff = probe_backoff or Backoff(initial=0.05, cap=0.5, rng=backoff.rng)
     t0 = started_at if started_at is not None else clock()
     deadline = t0 + timeout
     address = f"{head_ip}:{gcs_port}"
     attempts = 0
-    said_waiting = False
+    said: set[str] = set()
     last_why = ""
+    watcher: GcsWatcher | None = None
+
+    def say_once(key: str, msg: str) -> None:
+        if key not in said:
+            said.add(key)
+            log(msg)
+
     while True:
         if stopper.stopped:
             return None
         if clock() >= deadline:
-            if not attempts:
+            if attempts:
+                raise HeadUnreachable(f"could not join head {head_host} at {address} within {timeout:.0f}s "
+                                      f"({attempts} attempt(s); the last one {last_why})")
+            if watcher is None:
                 raise HeadUnreachable(f"head {head_host} never answered at {address} within {timeout:.0f}s")
-            raise HeadUnreachable(f"could not join head {head_host} at {address} within {timeout:.0f}s "
-                                  f"({attempts} attempt(s); the last one {last_why})")
+            why = f" (last error: {watcher.last_error})" if watcher.last_error else ""
+            raise HeadUnreachable(f"head {head_host}'s GCS answered at {address} but its own Ray node never "
+                                  f"registered within {timeout:.0f}s{why}")
         if not tcp_open(head_ip, gcs_port):
-            if not said_waiting:
-                log(f"waiting for the head {head_host} at {address}")
-                said_waiting = True
+            say_once("gcs", f"waiting for the head {head_host} at {address}")
+            sleep_until_next(probe_backoff, deadline, stopper, clock)
+            continue
+        if watcher is None:
+            watcher = GcsWatcher(address)
+            probe_backoff = Backoff(initial=0.05, cap=0.25, rng=backoff.rng)  # one small RPC per probe
+        if not head_registered(watcher, timeout=max(0.5, min(2.0, deadline - clock()))):
+            say_once("raylet", f"the head's GCS answers at {address}; waiting for its raylet to register")
             sleep_until_next(probe_backoff, deadline, stopper, clock)
             continue
         probe_backoff.reset()
         attempts += 1
         log(f"joining {address} (attempt {attempts})")
         proc = start()
-        watcher = GcsWatcher(address)
         attempt_end = min(deadline, clock() + attempt_timeout)
         joined = False
         while not stopper.stopped and clock() < attempt_end and proc.running:
-            nodes = watcher.nodes(timeout=1.0) if watcher.connect(timeout=max(1.0, attempt_end - clock())) else None
+            nodes = watcher.nodes(timeout=1.0)
             if nodes is not None and any(
                 n.alive and n.ip == node_ip and (node_manager_port is None or n.port == node_manager_port)
                 for n in nodes

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from slurm_vllm.errors import NodeError
 from slurm_vllm.node import lifecycle, ray_cluster, topology
 from slurm_vllm.node.lifecycle import OwnedProcess, Stopper
+from slurm_vllm.node.ray_launch import ray_command
 
 DEFAULT_PORT = 6379  # the seed's default; only used when the user runs the drop-in
 DEFAULT_TIMEOUT = 300.0
@@ -110,7 +111,7 @@ def run_leader(args: SeedArgs, env: Mapping[str, str] | None = None) -> int:
     try:
         ip, iface = leader_ip(args.extra, env)
         renv = _env(env, ip, iface)
-        argv = [ray_cluster.ray_executable(), "start", "--head", f"--port={args.ray_port}",
+        argv = [*ray_command(), "start", "--head", f"--port={args.ray_port}",
                 f"--node-ip-address={ip}", "--disable-usage-stats", *_extra_without_ip(args.extra), "--block"]
         log(f"leader: starting the Ray head on {ip}:{args.ray_port}")
         head = OwnedProcess("ray-head", argv, renv)
@@ -156,7 +157,7 @@ def run_worker(args: SeedArgs, env: Mapping[str, str] | None = None) -> int:
         head_ip, ip, iface = worker_ip(args.ray_address, args.extra, env)
         renv = _env(env, ip, iface)
         os.environ.update({k: v for k, v in renv.items() if k.startswith("RAY_AUTH")})
-        argv = [ray_cluster.ray_executable(), "start", f"--address={head_ip}:{args.ray_port}",
+        argv = [*ray_command(), "start", f"--address={head_ip}:{args.ray_port}",
                 f"--node-ip-address={ip}", "--disable-usage-stats", *_extra_without_ip(args.extra), "--block"]
 
         def start() -> OwnedProcess:

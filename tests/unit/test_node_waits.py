@@ -58,14 +58,18 @@ def test_sleep_never_passes_the_deadline():
     assert not ray_cluster.sleep_until_next(b, 3.0, None, clock, clock.sleep)
 
 
-def node(name: str, alive: bool = True, ip: str = "10.0.0.1", port: int = 1) -> RayNode:
-    return RayNode(node_id=name, name=name, hostname=name, ip=ip, port=port, alive=alive, is_head=False)
+def node(name: str, alive: bool = True, ip: str = "10.0.0.1", port: int = 1, head: bool = False) -> RayNode:
+    return RayNode(node_id=name, name=name, hostname=name, ip=ip, port=port, alive=alive, is_head=head)
+
+
+HEAD = node("h", head=True)
 
 
 class FakeWatcher:
     def __init__(self, script: list[list[RayNode] | None]) -> None:
         self.script = script
         self.calls = 0
+        self.last_error: str | None = None
 
     def nodes(self, timeout: float = 2.0) -> list[RayNode] | None:
         self.calls += 1
@@ -128,7 +132,7 @@ def test_join_waits_for_head_with_growing_backoff(monkeypatch):
         return clock.t >= opened_at
 
     monkeypatch.setattr(ray_cluster, "tcp_open", tcp_open)
-    monkeypatch.setattr(ray_cluster, "GcsWatcher", lambda addr: FakeWatcher([[node("me", ip="10.0.0.9", port=5)]]))
+    monkeypatch.setattr(ray_cluster, "GcsWatcher", lambda addr: FakeWatcher([[HEAD, node("me", ip="10.0.0.9", port=5)]]))
     monkeypatch.setattr(ray_cluster, "sleep_until_next",
                         lambda b, d, s, c=None, sl=None: (clock.sleep(min(b.next_delay(), d - clock.t)), True)[1])
     starts = []
@@ -146,7 +150,7 @@ def test_join_waits_for_head_with_growing_backoff(monkeypatch):
 def test_join_retries_failed_attempts_then_gives_up_naming_the_head(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(ray_cluster, "tcp_open", lambda *a, **k: True)
-    monkeypatch.setattr(ray_cluster, "GcsWatcher", lambda addr: FakeWatcher([[]]))
+    monkeypatch.setattr(ray_cluster, "GcsWatcher", lambda addr: FakeWatcher([[HEAD]]))
     monkeypatch.setattr(ray_cluster, "sleep_until_next",
                         lambda b, d, s, c=None, sl=None: (clock.sleep(max(0, min(b.next_delay(), d - clock.t))), True)[1])
     starts = []
@@ -177,3 +181,57 @@ def test_join_names_a_head_that_never_answered(monkeypatch):
                                  head_ip="10.0.0.1", gcs_port=4321, node_ip="10.0.0.9", node_manager_port=5,
                                  timeout=12, stopper=ClockStopper(clock), log=lambda m: None,
                                  terminate=lambda p: None, clock=clock)
+
+
+def test_join_starts_ray_only_once_the_heads_own_node_is_registered(monkeypatch):
+    """`ray start --address` re-reads the head's node record only every 2 s: start after it exists."""
+    clock = FakeClock()
+    registered_at = 7.0
+    watcher = FakeWatcher([])
+    watcher.nodes = lambda timeout=2.0: [HEAD] if clock.t >= registered_at else []  # type: ignore[method-assign]
+    monkeypatch.setattr(ray_cluster, "tcp_open", lambda *a, **k: True)
+    monkeypatch.setattr(ray_cluster, "GcsWatcher", lambda addr: watcher)
+    monkeypatch.setattr(ray_cluster, "sleep_until_next",
+                        lambda b, d, s, c=None, sl=None: (clock.sleep(min(b.next_delay(), d - clock.t)), True)[1])
+    starts: list[float] = []
+    logs: list[str] = []
+
+    def start():
+        starts.append(clock.t)
+        watcher.nodes = lambda timeout=2.0: [HEAD, node("me", ip="10.0.0.9", port=5)]  # type: ignore[method-assign]
+        return FakeProc(True)
+
+    res = ray_cluster.join_cluster(
+        start=start, head_host="h", head_ip="10.0.0.1", gcs_port=1, node_ip="10.0.0.9", node_manager_port=5,
+        timeout=60, stopper=ClockStopper(clock), log=logs.append, terminate=lambda p: None,
+        backoff=Backoff(rng=random.Random(0)), clock=clock)
+    assert res is not None and res.attempts == 1
+    assert registered_at <= starts[0] <= registered_at + 0.5
+    assert any("waiting for its raylet to register" in m for m in logs)
+
+
+def test_join_names_a_head_whose_raylet_never_registered(monkeypatch):
+    clock = FakeClock()
+    watcher = FakeWatcher([[]])
+    monkeypatch.setattr(ray_cluster, "tcp_open", lambda *a, **k: True)
+    monkeypatch.setattr(ray_cluster, "GcsWatcher", lambda addr: watcher)
+    monkeypatch.setattr(ray_cluster, "sleep_until_next",
+                        lambda b, d, s, c=None, sl=None: (clock.sleep(max(0, min(b.next_delay(), d - clock.t))), True)[1])
+    with pytest.raises(HeadUnreachable, match=r"head gpu01's GCS answered at 10.0.0.1:4321 but its own Ray node "
+                                              r"never registered within 12s"):
+        ray_cluster.join_cluster(start=lambda: pytest.fail("must not start ray"), head_host="gpu01",
+                                 head_ip="10.0.0.1", gcs_port=4321, node_ip="10.0.0.9", node_manager_port=5,
+                                 timeout=12, stopper=ClockStopper(clock), log=lambda m: None,
+                                 terminate=lambda p: None, clock=clock)
+
+
+def test_ray_env_retries_local_connections_in_short_steps_with_the_same_budget():
+    env = ray_cluster.ray_env({"RAY_ADDRESS": "x:1"}, node_ip="10.0.0.9", interface="ib0", token_path=None)
+    step = int(env["RAY_raylet_client_connect_timeout_milliseconds"])
+    tries = int(env["RAY_raylet_client_num_connect_attempts"])
+    assert step <= 100 and step * tries == 1000 * 10  # Ray's default budget: 10 tries, 1 s apart
+    assert "RAY_ADDRESS" not in env and env["VLLM_HOST_IP"] == "10.0.0.9" and env["GLOO_SOCKET_IFNAME"] == "ib0"
+    site = ray_cluster.ray_env({"RAY_raylet_client_num_connect_attempts": "40"}, node_ip="10.0.0.9",
+                               interface=None, token_path=None)
+    assert site["RAY_raylet_client_num_connect_attempts"] == "40"
+    assert "RAY_raylet_client_connect_timeout_milliseconds" not in site  # a site's own setting wins whole
