@@ -10,18 +10,46 @@ Public API only; heavy libraries (ray, vllm, submitit, openai) are imported wher
 
 from __future__ import annotations
 
-from slurm_vllm.api import attach, render, submit
-from slurm_vllm.errors import (
-    JobFailedError,
-    JobNotFoundError,
-    SlurmCommandError,
-    SlurmVllmError,
-    SpecError,
-    SpecErrors,
-    WaitTimeoutError,
-)
-from slurm_vllm.job import Endpoint, Job, JobBlockedError, JobStatus
-from slurm_vllm.spec import ServeSpec
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from slurm_vllm.api import attach, render, submit
+    from slurm_vllm.errors import (
+        JobFailedError,
+        JobNotFoundError,
+        SlurmCommandError,
+        SlurmVllmError,
+        SpecError,
+        SpecErrors,
+        WaitTimeoutError,
+    )
+    from slurm_vllm.job import Endpoint, Job, JobBlockedError, JobStatus
+    from slurm_vllm.spec import ServeSpec
+
+#: Public name -> the module that defines it. Imported on first use, so the compute-node entries
+#: (``python -m slurm_vllm.node...``) do not load the spec model and pydantic when they need neither.
+_EXPORTS = {
+    **dict.fromkeys(("attach", "render", "submit"), "slurm_vllm.api"),
+    **dict.fromkeys(("JobFailedError", "JobNotFoundError", "SlurmCommandError", "SlurmVllmError",
+                     "SpecError", "SpecErrors", "WaitTimeoutError"), "slurm_vllm.errors"),
+    **dict.fromkeys(("Endpoint", "Job", "JobBlockedError", "JobStatus"), "slurm_vllm.job"),
+    "ServeSpec": "slurm_vllm.spec",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'slurm_vllm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __version__ = "0.1.0"
 

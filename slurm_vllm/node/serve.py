@@ -42,14 +42,18 @@ from typing import Any, Mapping, Protocol, Sequence
 from slurm_vllm import spec as spec_mod
 from slurm_vllm.errors import SpecErrors
 from slurm_vllm.jobdir import ENDED, FAILED, LOADING_MODEL, READY, JobDir, read_json, write_json, write_state
+from slurm_vllm.node.lifecycle import slurm_kill_wait
 from slurm_vllm.spec import ServeSpec
 
 #: How many lines of vLLM's log go into state.json when it fails.
 LOG_TAIL_LINES = 30
 #: Default time allowed for loading before the job gives up (large models load for a long time).
 DEFAULT_READY_TIMEOUT = 3600.0
-#: Seconds vLLM gets after SIGTERM before its process group is killed.
+#: Seconds vLLM gets after SIGTERM before its process group is killed (at most; see stop_grace).
 STOP_GRACE = 30.0
+#: What the node program needs after vLLM has stopped: Ray's teardown (main.TEARDOWN_GRACE) and a margin.
+TEARDOWN_BUDGET = 2.0
+MIN_STOP_GRACE = 1.0
 POLL_INTERVAL = 2.0
 #: After vLLM exits, how long to wait for a stop signal that may be racing with it.
 STOP_RACE_GRACE = 2.0
@@ -180,19 +184,31 @@ def launch(argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> subpr
         )
 
 
+def stop_grace(kill_wait: float | None) -> float:
+    """vLLM's grace on a stop: STOP_GRACE, but inside Slurm's KillWait.
+
+    After scancel or the time limit Slurm SIGKILLs the whole step KillWait seconds after its
+    SIGTERM, and the node program still has Ray to stop after vLLM. A grace longer than what is
+    left would only let Slurm's SIGKILL cut both short.
+    """
+    if kill_wait is None:
+        return STOP_GRACE
+    return max(MIN_STOP_GRACE, min(STOP_GRACE, kill_wait - TEARDOWN_BUDGET))
+
+
 def stop_group(proc: subprocess.Popen[bytes], grace: float = STOP_GRACE) -> int | None:
-    """SIGTERM the process group, wait up to ``grace`` seconds, then SIGKILL it.
+    """SIGTERM the process group, wait up to ``grace`` seconds in all, then SIGKILL it.
 
     The group is signalled even after its leader exited: vLLM's engine and worker processes
     share it and must not outlive the job.
     """
     pgid = proc.pid  # start_new_session: the leader's pid is the group id
+    deadline = time.monotonic() + grace
     _signal_group(pgid, signal.SIGTERM)
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         pass
-    deadline = time.monotonic() + grace
     while _group_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.2)
     if _group_alive(pgid) or proc.poll() is None:
@@ -437,6 +453,7 @@ def serve_and_watch(
     job_id = _job_id(ctx)
     write_state(jobdir, LOADING_MODEL, job_id=job_id, reason=None, log_tail=None)
     started = time.monotonic()
+    grace = stop_grace(slurm_kill_wait())
     proc = launch(argv, env, log_path)
     base = f"http://{ip}:{port}"
     try:
@@ -458,10 +475,10 @@ def serve_and_watch(
             # State first: Slurm's KillWait after scancel may be short, and the reason must land.
             if _stop_is_failure(ctx):  # e.g. a node left the Ray cluster
                 write_state(jobdir, FAILED, reason=_stop_reason(ctx), log_tail=log_tail(log_path))
-                stop_group(proc)
+                stop_group(proc, grace)
                 return 1
             write_state(jobdir, ENDED, reason=_stop_reason(ctx))
-            stop_group(proc)
+            stop_group(proc, grace)
             return 0
         if outcome.kind == "timeout":
             stop_group(proc)
@@ -564,11 +581,12 @@ def run_mp_node(ctx: NodeContext) -> int:
         return serve_and_watch(ctx, argv, env, ip=addr, port=port, api_key=key, log_path=log_path)
     # A headless rank serves no API: it runs until vLLM ends or the node program stops it.
     # (It does not notice on its own when rank 0 stops; the job's end or srun stops it.)
+    grace = stop_grace(slurm_kill_wait())
     proc = launch(argv, env, log_path)
     try:
         outcome = supervise(proc, ctx.stop_event)
         if outcome.kind == "stopped" or ctx.stop_event.wait(STOP_RACE_GRACE):
-            stop_group(proc)
+            stop_group(proc, grace)
             return 0
         stop_group(proc, grace=5.0)
         reason = exit_reason(outcome.returncode, f"on node rank {ctx.rank}")

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -139,6 +140,11 @@ def test_scancel_of_formed_cluster_leaves_nothing(lab, jobs, workdir: Path) -> N
     print(f"scancel -> job gone in {gone:.1f}s ({time.monotonic() - t0:.1f}s)")
 
 
+def _log_with(jd: Any, rank: int, text: str) -> str | None:
+    log = node_log(jd, rank)
+    return log if text in log else None
+
+
 def test_workers_started_before_a_delayed_head_still_join(lab, jobs, workdir: Path) -> None:
     jd = make_job(workdir, lab, nodes=3, name="late-head", join_timeout=90)
     script = wrap_node_command(jd, 'if [ "$SLURM_NODEID" = 0 ]; then sleep 25; fi')
@@ -147,8 +153,9 @@ def test_workers_started_before_a_delayed_head_still_join(lab, jobs, workdir: Pa
     published = float(__import__("json").loads(jd.head.read_text())["published_at"])
     ready = state["updated_at"]
     for r in (1, 2):
-        log = node_log(jd, r)
-        assert "waiting for the head" in log and "joined the Ray cluster" in log
+        # The head may see a raylet a poll before its own node program does.
+        log = wait_for(lambda r=r: _log_with(jd, r, "joined the Ray cluster"), 10, f"rank {r} logging its join")
+        assert "waiting for the head" in log
     # Workers were already waiting: once the head published, joining took one backoff step
     # plus a raylet start, not a fixed 5 s polling cycle per try.
     print(f"head published -> all joined in {ready - published:.1f}s")

@@ -84,3 +84,26 @@ def test_sweep_removes_only_old_dirs_of_jobs_no_longer_running(tmp_path):
     removed = sweep_stale_temp_dirs({"12"}, root=str(tmp_path))
     assert removed == [str(old)]
     assert not old.exists() and running.exists() and young.exists() and other.exists()
+
+
+def test_slurm_kill_wait_is_read_from_scontrol_inside_a_job(monkeypatch):
+    import subprocess
+
+    calls = []
+
+    def run(argv, **kw):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 0, "JobCompType             = jobcomp/none\n"
+                                                     "KillWait                = 45 sec\n", "")
+
+    monkeypatch.setattr(lifecycle.subprocess, "run", run)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert lifecycle.slurm_kill_wait() is None and not calls  # not in a job: nothing to ask
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    assert lifecycle.slurm_kill_wait() == 45.0 and calls == [["scontrol", "show", "config"]]
+
+    def fails(argv, **kw):
+        raise subprocess.CalledProcessError(1, argv)
+
+    monkeypatch.setattr(lifecycle.subprocess, "run", fails)
+    assert lifecycle.slurm_kill_wait() is None

@@ -479,3 +479,10 @@ def test_a_failure_stop_fails_the_job(head: SimpleNamespace) -> None:
     assert result["rc"] == 1
     state = jobdir.read_state()
     assert state["phase"] == FAILED and "labnode2 left" in state["reason"]
+
+
+def test_stop_grace_fits_inside_slurms_kill_wait() -> None:
+    assert serve.stop_grace(None) == serve.STOP_GRACE  # outside Slurm, or KillWait unknown
+    assert serve.stop_grace(30) == 30 - serve.TEARDOWN_BUDGET  # Slurm's default KillWait
+    assert serve.stop_grace(120) == serve.STOP_GRACE
+    assert serve.stop_grace(3) == serve.MIN_STOP_GRACE  # the lab's short KillWait
