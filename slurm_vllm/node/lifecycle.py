@@ -183,11 +183,11 @@ class OwnedProcess:
 
     def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], *,
                  stdout: IO[Any] | int | None = None, cwd: str | None = None,
-                 stdin: int = subprocess.DEVNULL) -> None:
+                 stdin: int = subprocess.DEVNULL, pass_fds: Sequence[int] = ()) -> None:
         self.name = name
         self.argv = list(argv)
         self.popen = subprocess.Popen(self.argv, env=dict(env), stdout=stdout, stderr=subprocess.STDOUT,
-                                      stdin=stdin, start_new_session=True, cwd=cwd)
+                                      stdin=stdin, start_new_session=True, cwd=cwd, pass_fds=tuple(pass_fds))
         self.pid = self.popen.pid
         self.started = time.monotonic()
 

@@ -26,7 +26,7 @@ from slurm_vllm.jobdir import JobDir
 from slurm_vllm.node import lifecycle, ray_cluster, topology
 from slurm_vllm.node.lifecycle import OwnedProcess, Stopper
 from slurm_vllm.node.ports import PortPlan, plan_ports
-from slurm_vllm.node.ray_launch import WarmRayStart, launcher_argv, ray_command
+from slurm_vllm.node.ray_launch import Launch, Launches, launcher_argv
 from slurm_vllm.node.topology import Topology
 from slurm_vllm.spec import ServeSpec, load_spec_json
 
@@ -258,21 +258,30 @@ class NodeProgram:
 
     # ------------------------------------------------------------ head
 
-    def _ray_argv(self, topo: Topology, ports: PortPlan, head_address: str | None) -> list[str]:
+    def _ray_args(self, topo: Topology, ports: PortPlan, head_address: str | None) -> list[str]:
+        """``ray`` arguments (``start ...``) for this node's head or worker."""
         return ray_cluster.ray_start_argv(
-            ray=ray_command(), node_ip=topo.node_ip, temp_dir=str(self.temp_dir),
+            ray=[], node_ip=topo.node_ip, temp_dir=str(self.temp_dir),
             port_args=ports.ray_start_args(head=head_address is None), head_address=head_address,
             node_name=topo.hostname, num_gpus=ray_cluster.count_gpus(self.env),
             num_cpus=ray_cluster.count_cpus(self.env))
 
-    def _start(self, name: str, argv: list[str], env: Mapping[str, str],
-               stdin: int = subprocess.DEVNULL) -> OwnedProcess:
+    def _start(self, name: str, argv: list[str], env: Mapping[str, str]) -> OwnedProcess:
         self.jobdir.logs.mkdir(parents=True, exist_ok=True)
         assert self.topo is not None
         with open(ray_log_path(self.jobdir, self.topo.rank), "ab") as out:
-            proc = OwnedProcess(name, argv, env, stdout=out, stdin=stdin)
+            proc = OwnedProcess(name, argv, env, stdout=out)
         self.owned.append(proc)
         return proc
+
+    def _spawn_launch(self, env: Mapping[str, str]) -> Launch:
+        """A Ray launcher waiting for its order (ray_launch), output to this node's Ray log."""
+        self.jobdir.logs.mkdir(parents=True, exist_ok=True)
+        assert self.topo is not None
+        with open(ray_log_path(self.jobdir, self.topo.rank), "ab") as out:
+            launch = Launch.spawn("ray-worker", env, stdout=out)
+        self.owned.append(launch.proc)
+        return launch
 
     def _publish_head(self, topo: Topology, ports: PortPlan) -> None:
         jd_mod.write_json(self.jobdir.head, {
@@ -290,7 +299,7 @@ class NodeProgram:
         os.environ.pop("RAY_AUTH_TOKEN", None)
         t0 = time.monotonic()
         deadline = t0 + spec.ray.cluster_timeout
-        head = self._start("ray-head", self._ray_argv(topo, ports, None), env)
+        head = self._start("ray-head", [*launcher_argv(), *self._ray_args(topo, ports, None)], env)
         # Publish at once: workers start probing the GCS port while the head comes up.
         self._publish_head(topo, ports)
         self.log(f"ray head starting: GCS {topo.node_ip}:{ports.gcs}, temp dir {self.temp_dir}, "
@@ -414,18 +423,17 @@ class NodeProgram:
     def _run_worker(self, spec: ServeSpec, topo: Topology, ports: PortPlan, token: Path) -> int:
         t0 = time.monotonic()
         deadline = t0 + spec.ray.join_timeout
-        # Import Ray's CLI now, while the head comes up: it is then ready the moment the head is.
-        warm_env = ray_cluster.ray_env(self.env, node_ip=topo.node_ip, interface=topo.interface, token_path=token)
-        launcher = ray_command()
-        warm = WarmRayStart(self._start("ray-worker", launcher, warm_env, stdin=subprocess.PIPE)
-                            if launcher == launcher_argv() else None, warm_env)
+        # A launcher imports Ray's CLI now, while the head comes up, so it is ready the moment
+        # the head is (ray_launch).
+        launches = Launches(self._spawn_launch, ray_cluster.ray_env(
+            self.env, node_ip=topo.node_ip, interface=topo.interface, token_path=token))
         try:
-            return self._join_and_stay(spec, topo, ports, token, t0, deadline, warm)
+            return self._join_and_stay(spec, topo, ports, token, t0, deadline, launches)
         finally:
-            warm.close()
+            launches.close()
 
     def _join_and_stay(self, spec: ServeSpec, topo: Topology, ports: PortPlan, token: Path, t0: float,
-                       deadline: float, warm: WarmRayStart) -> int:
+                       deadline: float, launches: Launches) -> int:
         info = self._wait_head_json(topo, deadline)
         if info is None:
             return 0
@@ -434,9 +442,13 @@ class NodeProgram:
                                  env=self.env)
         self.topo = topo
         env = ray_cluster.ray_env(self.env, node_ip=topo.node_ip, interface=topo.interface, token_path=token)
-        os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
-        os.environ.pop("RAY_AUTH_TOKEN", None)
-        argv = self._ray_argv(topo, ports, f"{head_ip}:{gcs_port}")
+        args = self._ray_args(topo, ports, f"{head_ip}:{gcs_port}")
+
+        def start(seconds_left: float) -> Launch:
+            launch = launches.next(env)
+            launch.order(args, await_head=f"{head_ip}:{gcs_port}", timeout=seconds_left,
+                         node=(topo.node_ip, ports.node_manager))
+            return launch
 
         def stop_proc(p: OwnedProcess) -> None:
             lifecycle.terminate([p], grace=5.0, log_fn=self.log)
@@ -444,9 +456,7 @@ class NodeProgram:
                 self.owned.remove(p)
 
         joined = ray_cluster.join_cluster(
-            start=lambda: warm.hand_over(argv, env) or self._start("ray-worker", argv, env),
-            head_host=topo.head_host, head_ip=head_ip,
-            gcs_port=gcs_port, node_ip=topo.node_ip, node_manager_port=ports.node_manager,
+            start=start, head_host=topo.head_host, head_ip=head_ip, gcs_port=gcs_port,
             timeout=spec.ray.join_timeout, stopper=self.stopper, log=self.log, terminate=stop_proc,
             backoff=ray_cluster.Backoff(initial=0.2, cap=2.0), started_at=t0)
         if joined is None:

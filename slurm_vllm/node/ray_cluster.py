@@ -24,6 +24,7 @@ from typing import Any
 
 from slurm_vllm.errors import NodeError
 from slurm_vllm.node.lifecycle import OwnedProcess, Stopper
+from slurm_vllm.node.ray_launch import HEAD_NEVER_REGISTERED, Launch
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
@@ -363,21 +364,12 @@ class JoinResult:
     seconds: float
 
 
-def head_registered(watcher: GcsWatcher, timeout: float = 1.0) -> bool:
-    """True when the GCS lists an alive head node: its raylet has registered."""
-    if not watcher.connect(timeout=max(0.5, timeout)):
-        return False
-    return any(n.is_head and n.alive for n in watcher.nodes(timeout=timeout) or ())
-
-
 def join_cluster(
     *,
-    start: Callable[[], OwnedProcess],
+    start: Callable[[float], Launch],
     head_host: str,
     head_ip: str,
     gcs_port: int,
-    node_ip: str,
-    node_manager_port: int | None,
     timeout: float,
     stopper: Stopper,
     log: Callable[[str], None],
@@ -390,72 +382,64 @@ def join_cluster(
 ) -> JoinResult | None:
     """Join the head at ``head_ip:gcs_port`` before the deadline; None when stopped first.
 
-    Each attempt waits until the head is ready to be joined (its GCS port accepts connections,
-    then the GCS lists the head's own raylet alive: ``ray start --address`` reads that record
-    first and re-polls for it only every 2 s), starts ``ray start --address --block``, then
-    confirms the join by finding this node's raylet alive in the GCS. An attempt whose process
-    exits is retried after a jittered, growing delay.
+    Probes the GCS port with TCP connects (free) until it answers, then each attempt hands the
+    order to a Ray launcher (``start(seconds_left)``, see ray_launch): it waits until the head's
+    own raylet is registered (``ray start --address`` reads that record first and re-polls for
+    it only every 2 s), says "started" and runs ``ray start --address --block``, and says
+    "joined" once this node's raylet is alive in the GCS. An attempt whose launcher exits, or
+    that does not join within ``attempt_timeout`` of starting, is retried after a jittered,
+    growing delay.
     """
     backoff = backoff or Backoff()
-    # Probes cost a SYN/RST or one small RPC: poll them more often than we retry ray start.
+    # Probing a closed port costs a SYN and a RST: poll it more often than we retry ray start.
     probe_backoff = probe_backoff or Backoff(initial=0.05, cap=0.5, rng=backoff.rng)
     t0 = started_at if started_at is not None else clock()
     deadline = t0 + timeout
     address = f"{head_ip}:{gcs_port}"
     attempts = 0
-    said: set[str] = set()
+    said_waiting = False
     last_why = ""
-    watcher: GcsWatcher | None = None
-
-    def say_once(key: str, msg: str) -> None:
-        if key not in said:
-            said.add(key)
-            log(msg)
-
     while True:
         if stopper.stopped:
             return None
         if clock() >= deadline:
-            if attempts:
-                raise HeadUnreachable(f"could not join head {head_host} at {address} within {timeout:.0f}s "
-                                      f"({attempts} attempt(s); the last one {last_why})")
-            if watcher is None:
+            if not attempts:
                 raise HeadUnreachable(f"head {head_host} never answered at {address} within {timeout:.0f}s")
-            why = f" (last error: {watcher.last_error})" if watcher.last_error else ""
-            raise HeadUnreachable(f"head {head_host}'s GCS answered at {address} but its own Ray node never "
-                                  f"registered within {timeout:.0f}s{why}")
+            raise HeadUnreachable(f"could not join head {head_host} at {address} within {timeout:.0f}s "
+                                  f"({attempts} attempt(s); the last one {last_why})")
         if not tcp_open(head_ip, gcs_port):
-            say_once("gcs", f"waiting for the head {head_host} at {address}")
-            sleep_until_next(probe_backoff, deadline, stopper, clock)
-            continue
-        if watcher is None:
-            watcher = GcsWatcher(address)
-            probe_backoff = Backoff(initial=0.05, cap=0.25, rng=backoff.rng)  # one small RPC per probe
-        if not head_registered(watcher, timeout=max(0.5, min(2.0, deadline - clock()))):
-            say_once("raylet", f"the head's GCS answers at {address}; waiting for its raylet to register")
+            if not said_waiting:
+                log(f"waiting for the head {head_host} at {address}")
+                said_waiting = True
             sleep_until_next(probe_backoff, deadline, stopper, clock)
             continue
         probe_backoff.reset()
         attempts += 1
-        log(f"joining {address} (attempt {attempts})")
-        proc = start()
-        attempt_end = min(deadline, clock() + attempt_timeout)
+        log(f"joining {address} (attempt {attempts}): ray start runs once the head's raylet is registered")
+        launch = start(deadline - clock())
+        attempt_end = deadline  # until ray start begins; then attempt_timeout more
         joined = False
-        while not stopper.stopped and clock() < attempt_end and proc.running:
-            nodes = watcher.nodes(timeout=1.0)
-            if nodes is not None and any(
-                n.alive and n.ip == node_ip and (node_manager_port is None or n.port == node_manager_port)
-                for n in nodes
-            ):
+        while not stopper.stopped and clock() < attempt_end:
+            event = launch.next_event(min(0.5, attempt_end - clock()))
+            if event == "started":
+                attempt_end = min(deadline, clock() + attempt_timeout)
+                log("the head's raylet is registered; ray start is running")
+            elif event == "joined":
                 joined = True
                 break
-            stopper.wait(0.2)
+            elif event == "":
+                launch.wait_exit(2.0)  # the launcher is gone: let its exit code arrive
+                break
+        launch.close()
         if joined:
-            return JoinResult(proc, attempts, clock() - t0)
-        code = proc.poll()
-        terminate(proc)
+            return JoinResult(launch.proc, attempts, clock() - t0)
+        code = launch.proc.poll()
+        terminate(launch.proc)
         if stopper.stopped:
             return None
+        if code == HEAD_NEVER_REGISTERED:
+            raise HeadUnreachable(f"head {head_host}'s GCS answered at {address} but its own Ray node never "
+                                  f"registered within {timeout:.0f}s")
         last_why = why = f"exited with code {code}" if code is not None else "did not register in time"
         log(f"join attempt {attempts} {why}" + ("; retrying" if clock() < deadline else ""))
         sleep_until_next(backoff, deadline, stopper, clock)

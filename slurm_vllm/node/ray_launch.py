@@ -2,35 +2,53 @@
 
 ``ray start`` spends most of its first seconds importing its CLI, and most of that is the Ray
 Serve and Ray Jobs subcommands, which ``ray start`` never uses. The launcher runs the click group
-behind the ``ray`` executable (Ray's own code, in this process) with those two imports left out (Ray's
-CLI already treats them as optional): about 1 s less CPU per start on every node.
+behind the ``ray`` executable (Ray's own code, in this process) with those two imports left out
+(Ray's CLI already treats them as optional): about 1 s less CPU per start on every node.
 
 A worker goes further. Its ``ray start --address`` can do nothing useful until the head's raylet
-has registered (it reads the head's node record first, and re-reads it only every 2 s), so it
-launches the launcher with no arguments while the head is still coming up: it imports the CLI
-and waits on stdin. When the head is registered the node program writes the ``ray`` arguments
-as one JSON line, and the process becomes exactly that ``ray start``, its import already paid.
+has registered (it reads the head's node record first, and re-reads it only every 2 s). So the
+worker's node program starts the launcher with no arguments while the head is still coming up:
+it imports the CLI and waits for an order on stdin, one JSON line::
 
-``python -m slurm_vllm.node.ray_launch ARGS...`` runs ``ray ARGS...`` at once; with no
-arguments it reads them from stdin first (end of input: exit 0 having started nothing).
+    {"args": ["start", "--address=...", ...],   # what to run, as `ray ARGS`
+     "await_head": "IP:PORT",                   # first wait until the head's own node is alive
+     "timeout": 300,                            # ... for at most this long (then exit 75)
+     "report_fd": 5,                            # write events here, one word per line:
+     "node": ["IP", PORT]}                      #   "started" when ray start begins, "joined"
+                                                #   once this node (IP, node-manager PORT or
+                                                #   null for any) is alive in the GCS
+
+The launcher already holds Ray's GCS client, so the worker's node program never imports Ray.
+``python -m slurm_vllm.node.ray_launch ARGS...`` runs ``ray ARGS...`` at once. End of input
+before any order: exit 0 having started nothing.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shutil
-import socket
+import select
+import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
-from slurm_vllm.errors import NodeError
 from slurm_vllm.node.lifecycle import OwnedProcess
 
 #: Subcommands Ray's CLI adds only if they import; ``ray start`` needs neither.
 UNUSED_CLI_MODULES = ("ray.serve.scripts", "ray.dashboard.modules.job.cli")
+#: Exit code: the head's GCS answered but its own Ray node never registered in time.
+HEAD_NEVER_REGISTERED = 75
+
+
+def launcher_argv(python: str = sys.executable) -> list[str]:
+    """The command that runs the launcher in this interpreter (which must have Ray)."""
+    return [python, "-m", "slurm_vllm.node.ray_launch"]
+
+
+# ---------------------------------------------------------------- inside the launcher
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,76 +64,208 @@ def main(argv: Sequence[str] | None = None) -> int:
         line = sys.stdin.readline()
         if not line.strip():
             return 0
-        args = json.loads(line)
-        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-            print(f"ray_launch: expected a JSON list of strings, got {line.strip()[:200]!r}", file=sys.stderr)
-            return 2
+        order = json.loads(line)
+        args = list(order["args"])
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)  # Ray's processes must not inherit the pipe
         os.close(devnull)
+        report = Reporter(order.get("report_fd"))
+        head = order.get("await_head")
+        if head and not await_head(head, float(order.get("timeout", 300))):
+            return HEAD_NEVER_REGISTERED
+        report.say("started")
+        if order.get("node"):
+            node_ip, port = order["node"]
+            threading.Thread(target=report_joined, args=(report, head or _address_arg(args), node_ip, port),
+                             name="report-joined", daemon=True).start()
+        else:
+            report.close()
     sys.argv = ["ray", *args]
     return int(cli.main(args=args, prog_name="ray") or 0)
 
 
-def launcher_argv(python: str = sys.executable) -> list[str]:
-    """The command that runs the launcher in this interpreter."""
-    return [python, "-m", "slurm_vllm.node.ray_launch"]
+class Reporter:
+    """Writes one-word events to the node program's pipe (nothing when there is none)."""
 
+    def __init__(self, fd: int | None) -> None:
+        self.stream = os.fdopen(fd, "w") if fd is not None else None
 
-def ray_command() -> list[str]:
-    """How to run ``ray``: the launcher when this interpreter has Ray, else the ``ray`` on PATH."""
-    if importlib.util.find_spec("ray") is not None:
-        return launcher_argv()
-    found = shutil.which("ray")
-    if not found:
-        raise NodeError(f"node {socket.gethostname()}: Ray is not installed for {sys.executable} "
-                        f"and there is no `ray` command on PATH (pip install 'ray[default]')")
-    return [found]
-
-
-class WarmRayStart:
-    """A launcher started with no arguments (stdin=PIPE), waiting to be told what to run."""
-
-    def __init__(self, proc: OwnedProcess | None, env: Mapping[str, str]) -> None:
-        self.proc = proc
-        self.env = dict(env)
-
-    def hand_over(self, argv: Sequence[str], env: Mapping[str, str]) -> OwnedProcess | None:
-        """Make the waiting launcher run ``argv``; None when it cannot, and the caller starts it.
-
-        Only once, only for a launcher command line, and only when the launcher is still alive
-        and was started with exactly ``env`` (Ray reads some settings at import).
-        """
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        prefix = launcher_argv()
-        stdin = proc.popen.stdin
-        if (list(argv[: len(prefix)]) == prefix and proc.running and dict(env) == self.env
-                and stdin is not None):
+    def say(self, word: str) -> None:
+        if self.stream is not None:
             try:
-                stdin.write((json.dumps(list(argv[len(prefix):])) + "\n").encode())
-                stdin.close()
-                proc.argv = list(argv)
-                return proc
+                self.stream.write(word + "\n")
+                self.stream.flush()
             except OSError:
-                pass  # it died between the check and the write
-        _close(stdin)
-        return None
+                self.stream = None
 
     def close(self) -> None:
-        """Let a still-waiting launcher exit without starting anything (end of its input)."""
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            _close(proc.popen.stdin)
+        if self.stream is not None:
+            try:
+                self.stream.close()
+            except OSError:
+                pass
+            self.stream = None
 
 
-def _close(stream: IO[Any] | None) -> None:
-    if stream is not None and not stream.closed:
+def _gcs_nodes(client: Any) -> list[Any]:
+    try:
+        return list(client.get_all_node_info(timeout=1.0).values())
+    except Exception:  # noqa: BLE001 - not answering yet is the normal case
+        return []
+
+
+def _gcs_client(address: str, deadline: float) -> Any:
+    """Ray's GCS client, or None at the deadline (building one blocks while the GCS is silent)."""
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]  # imported already by the CLI
+
+    box: dict[str, Any] = {}
+
+    def build() -> None:
+        while "client" not in box and time.monotonic() < deadline:
+            try:
+                box["client"] = GcsClient(address=address)
+            except Exception:  # noqa: BLE001 - not answering yet
+                time.sleep(0.2)
+
+    thread = threading.Thread(target=build, name="gcs-connect", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    return box.get("client")
+
+
+def await_head(address: str, timeout: float) -> bool:
+    """Wait until the GCS at ``address`` lists the head's own node alive; False at the deadline."""
+    deadline = time.monotonic() + timeout
+    print(f"ray_launch: waiting for the head's Ray node to register at {address}", file=sys.stderr, flush=True)
+    client = _gcs_client(address, deadline)
+    delay = 0.05
+    while client is not None and time.monotonic() < deadline:
+        if any(info.is_head_node and int(info.state) == 0 for info in _gcs_nodes(client)):
+            return True
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(0.25, delay * 2)
+    print(f"ray_launch: the head's Ray node did not register at {address} within {timeout:.0f}s",
+          file=sys.stderr, flush=True)
+    return False
+
+
+def report_joined(report: Reporter, address: str, node_ip: str, port: int | None) -> None:
+    """Say "joined" once this node's raylet is alive in the GCS (runs beside ``ray start``)."""
+    client = _gcs_client(address, time.monotonic() + 3600)
+    while client is not None:
+        for info in _gcs_nodes(client):
+            if (int(info.state) == 0 and info.node_manager_address == node_ip
+                    and (port is None or int(info.node_manager_port) == int(port))):
+                report.say("joined")
+                report.close()
+                return
+        time.sleep(0.2)
+
+
+def _address_arg(args: Sequence[str]) -> str:
+    for a in args:
+        if a.startswith("--address="):
+            return a.split("=", 1)[1]
+    raise SystemExit("ray_launch: a 'node' to report needs 'await_head' or --address=")
+
+
+# ---------------------------------------------------------------- in the node program
+
+
+class Launch:
+    """A launcher process waiting for its order, and the pipe its events come back on."""
+
+    def __init__(self, proc: OwnedProcess, env: Mapping[str, str], events_fd: int, report_fd: int) -> None:
+        self.proc = proc
+        self.env = dict(env)
+        self._fd = events_fd
+        self._report_fd = report_fd  # the number the launcher knows its end by
+        self._buf = b""
+        self.ordered = False
+
+    @classmethod
+    def spawn(cls, name: str, env: Mapping[str, str], stdout: IO[Any] | int | None) -> Launch:
+        """Start a launcher with no arguments: it imports Ray's CLI and waits for ``order``."""
+        r, w = os.pipe()
         try:
-            stream.close()
+            proc = OwnedProcess(name, launcher_argv(), env, stdout=stdout, stdin=subprocess.PIPE, pass_fds=(w,))
+        finally:
+            os.close(w)
+        return cls(proc, env, r, w)
+
+    def order(self, args: Sequence[str], *, await_head: str | None = None, timeout: float = 300.0,
+              node: tuple[str, int | None] | None = None) -> None:
+        """Tell the launcher what to run (``ray ARGS``), after waiting for the head if asked."""
+        stdin = self.proc.popen.stdin
+        assert stdin is not None and not self.ordered
+        self.ordered = True
+        line = json.dumps({"args": list(args), "await_head": await_head, "timeout": max(1.0, timeout),
+                           "report_fd": self._report_fd, "node": list(node) if node else None})
+        try:
+            stdin.write((line + "\n").encode())
+            stdin.close()
         except OSError:
-            pass
+            pass  # it already exited: next_event reports the end of its pipe
+        self.proc.argv = [*launcher_argv(), *args]
+
+    def next_event(self, timeout: float) -> str | None:
+        """The next event word; "" when the launcher has gone (end of its pipe); None: none yet."""
+        while b"\n" not in self._buf:
+            if self._fd < 0:
+                return ""
+            ready, _, _ = select.select([self._fd], [], [], max(0.0, timeout))
+            if not ready:
+                return None
+            chunk = os.read(self._fd, 256)
+            if not chunk:
+                self.close()
+                if not self._buf:
+                    return ""
+                self._buf += b"\n"
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode(errors="replace").strip()
+
+    def wait_exit(self, timeout: float) -> int | None:
+        try:
+            return self.proc.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        """Stop listening; a launcher never ordered exits without starting anything."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if not self.ordered:
+            stdin = self.proc.popen.stdin
+            if stdin is not None and not stdin.closed:
+                try:
+                    stdin.close()
+                except OSError:
+                    pass
+
+
+class Launches:
+    """A node's launchers: one spawned ahead of need, a fresh one for every later attempt."""
+
+    def __init__(self, spawn: Callable[[Mapping[str, str]], Launch], env: Mapping[str, str]) -> None:
+        self.spawn = spawn
+        self.all = [spawn(env)]
+
+    def next(self, env: Mapping[str, str]) -> Launch:
+        """The waiting launcher if it can still serve (same environment: Ray reads some of it
+        at import), else a new one."""
+        launch = self.all[-1]
+        if launch.ordered or launch.env != dict(env) or not launch.proc.running:
+            launch.close()
+            launch = self.spawn(env)
+            self.all.append(launch)
+        return launch
+
+    def close(self) -> None:
+        for launch in self.all:
+            launch.close()
 
 
 if __name__ == "__main__":

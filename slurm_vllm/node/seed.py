@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from slurm_vllm.errors import NodeError
 from slurm_vllm.node import lifecycle, ray_cluster, topology
 from slurm_vllm.node.lifecycle import OwnedProcess, Stopper
-from slurm_vllm.node.ray_launch import ray_command
+from slurm_vllm.node.ray_launch import Launch, Launches, launcher_argv
 
 DEFAULT_PORT = 6379  # the seed's default; only used when the user runs the drop-in
 DEFAULT_TIMEOUT = 300.0
@@ -111,7 +111,7 @@ def run_leader(args: SeedArgs, env: Mapping[str, str] | None = None) -> int:
     try:
         ip, iface = leader_ip(args.extra, env)
         renv = _env(env, ip, iface)
-        argv = [*ray_command(), "start", "--head", f"--port={args.ray_port}",
+        argv = [*launcher_argv(), "start", "--head", f"--port={args.ray_port}",
                 f"--node-ip-address={ip}", "--disable-usage-stats", *_extra_without_ip(args.extra), "--block"]
         log(f"leader: starting the Ray head on {ip}:{args.ray_port}")
         head = OwnedProcess("ray-head", argv, renv)
@@ -156,14 +156,21 @@ def run_worker(args: SeedArgs, env: Mapping[str, str] | None = None) -> int:
     try:
         head_ip, ip, iface = worker_ip(args.ray_address, args.extra, env)
         renv = _env(env, ip, iface)
-        os.environ.update({k: v for k, v in renv.items() if k.startswith("RAY_AUTH")})
-        argv = [*ray_command(), "start", f"--address={head_ip}:{args.ray_port}",
-                f"--node-ip-address={ip}", "--disable-usage-stats", *_extra_without_ip(args.extra), "--block"]
+        ray_args = ["start", f"--address={head_ip}:{args.ray_port}", f"--node-ip-address={ip}",
+                    "--disable-usage-stats", *_extra_without_ip(args.extra), "--block"]
 
-        def start() -> OwnedProcess:
-            p = OwnedProcess("ray-worker", argv, renv)
-            owned.append(p)
-            return p
+        def spawn(e: Mapping[str, str]) -> Launch:
+            launch = Launch.spawn("ray-worker", e, stdout=None)
+            owned.append(launch.proc)
+            return launch
+
+        launches = Launches(spawn, renv)  # imports Ray's CLI while the head comes up
+
+        def start(seconds_left: float) -> Launch:
+            launch = launches.next(renv)
+            launch.order(ray_args, await_head=f"{head_ip}:{args.ray_port}", timeout=seconds_left,
+                         node=(ip, None))
+            return launch
 
         def stop(p: OwnedProcess) -> None:
             lifecycle.terminate([p], grace=5.0, log_fn=log)
@@ -171,8 +178,8 @@ def run_worker(args: SeedArgs, env: Mapping[str, str] | None = None) -> int:
                 owned.remove(p)
 
         joined = ray_cluster.join_cluster(
-            start=start, head_host=args.ray_address, head_ip=head_ip, gcs_port=args.ray_port, node_ip=ip,
-            node_manager_port=None, timeout=args.ray_init_timeout, stopper=stopper, log=log, terminate=stop)
+            start=start, head_host=args.ray_address, head_ip=head_ip, gcs_port=args.ray_port,
+            timeout=args.ray_init_timeout, stopper=stopper, log=log, terminate=stop)
         if joined is None:
             return 0
         log(f"worker: joined {head_ip}:{args.ray_port} as {ip} in {joined.seconds:.1f}s")

@@ -58,11 +58,9 @@ def test_sleep_never_passes_the_deadline():
     assert not ray_cluster.sleep_until_next(b, 3.0, None, clock, clock.sleep)
 
 
-def node(name: str, alive: bool = True, ip: str = "10.0.0.1", port: int = 1, head: bool = False) -> RayNode:
-    return RayNode(node_id=name, name=name, hostname=name, ip=ip, port=port, alive=alive, is_head=head)
+def node(name: str, alive: bool = True, ip: str = "10.0.0.1", port: int = 1) -> RayNode:
+    return RayNode(node_id=name, name=name, hostname=name, ip=ip, port=port, alive=alive, is_head=False)
 
-
-HEAD = node("h", head=True)
 
 
 class FakeWatcher:
@@ -111,19 +109,64 @@ def test_wait_for_nodes_stops_on_signal():
 
 
 class FakeProc:
-    def __init__(self, lives: bool) -> None:
-        self.lives = lives
+    def __init__(self, code: int | None = None) -> None:
+        self.code = code
 
     @property
     def running(self) -> bool:
-        return self.lives
+        return self.code is None
 
     def poll(self) -> int | None:
-        return None if self.lives else 1
+        return self.code
 
 
-def test_join_waits_for_head_with_growing_backoff(monkeypatch):
+class FakeLaunch:
+    """A launcher that says its events at given (fake-clock) times, then exits with ``code``."""
+
+    def __init__(self, clock: FakeClock, events: list[tuple[float, str]], code: int | None = None) -> None:
+        self.clock = clock
+        self.events = [(clock.t + at, word) for at, word in events]
+        self.proc = FakeProc()
+        self.code = code
+        self.closed = False
+
+    def next_event(self, timeout: float) -> str | None:
+        if self.events:
+            at, word = self.events[0]
+            if at <= self.clock.t + timeout:
+                self.clock.t = max(self.clock.t, at)
+                self.events.pop(0)
+                if word == "":
+                    self.proc.code = self.code
+                return word
+        self.clock.t += timeout
+        return None
+
+    def wait_exit(self, timeout: float) -> int | None:
+        return self.proc.code
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def join(clock: FakeClock, start, timeout: float = 100, **kw):
+    kw.setdefault("backoff", Backoff(rng=random.Random(0)))
+    return ray_cluster.join_cluster(start=start, head_host="gpu01", head_ip="10.0.0.1", gcs_port=4321,
+                                    timeout=timeout, stopper=ClockStopper(clock), log=kw.pop("log", lambda m: None),
+                                    terminate=lambda p: None, clock=clock, **kw)
+
+
+@pytest.fixture
+def fake_sleep(monkeypatch):
+    def install(clock: FakeClock) -> None:
+        monkeypatch.setattr(ray_cluster, "sleep_until_next",
+                            lambda b, d, s, c=None, sl=None: (clock.sleep(max(0, min(b.next_delay(), d - clock.t))), True)[1])
+    return install
+
+
+def test_join_probes_the_gcs_port_with_growing_backoff_then_hands_over_once(monkeypatch, fake_sleep):
     clock = FakeClock()
+    fake_sleep(clock)
     opened_at = 20.0
     probes: list[float] = []
 
@@ -132,97 +175,81 @@ def test_join_waits_for_head_with_growing_backoff(monkeypatch):
         return clock.t >= opened_at
 
     monkeypatch.setattr(ray_cluster, "tcp_open", tcp_open)
-    monkeypatch.setattr(ray_cluster, "GcsWatcher", lambda addr: FakeWatcher([[HEAD, node("me", ip="10.0.0.9", port=5)]]))
-    monkeypatch.setattr(ray_cluster, "sleep_until_next",
-                        lambda b, d, s, c=None, sl=None: (clock.sleep(min(b.next_delay(), d - clock.t)), True)[1])
-    starts = []
-    res = ray_cluster.join_cluster(
-        start=lambda: starts.append(clock.t) or FakeProc(True), head_host="h", head_ip="10.0.0.1", gcs_port=1,
-        node_ip="10.0.0.9", node_manager_port=5, timeout=100, stopper=ClockStopper(clock), log=lambda m: None,
-        terminate=lambda p: None, backoff=Backoff(rng=random.Random(0)), clock=clock)
-    assert res is not None and res.attempts == 1
-    assert starts and starts[0] >= opened_at
-    assert starts[0] - opened_at <= 0.5  # joins within one capped probe step of the head opening
+    starts: list[tuple[float, float]] = []
+
+    def start(seconds_left: float) -> FakeLaunch:
+        starts.append((clock.t, seconds_left))
+        return FakeLaunch(clock, [(3.0, "started"), (5.0, "joined")])
+
+    res = join(clock, start)
+    assert res is not None and res.attempts == 1 and len(starts) == 1
+    at, left = starts[0]
+    assert opened_at <= at <= opened_at + 0.5  # within one capped probe step of the head opening
+    assert left == pytest.approx(100 - at)  # the launcher waits for the head within our deadline
     gaps = [b - a for a, b in zip(probes, probes[1:])]
     assert gaps[0] < gaps[3] <= 0.5
 
 
-def test_join_retries_failed_attempts_then_gives_up_naming_the_head(monkeypatch):
+def test_join_retries_launchers_that_exit_then_gives_up_naming_the_head(monkeypatch, fake_sleep):
     clock = FakeClock()
+    fake_sleep(clock)
     monkeypatch.setattr(ray_cluster, "tcp_open", lambda *a, **k: True)
-    monkeypatch.setattr(ray_cluster, "GcsWatcher", lambda addr: FakeWatcher([[HEAD]]))
-    monkeypatch.setattr(ray_cluster, "sleep_until_next",
-                        lambda b, d, s, c=None, sl=None: (clock.sleep(max(0, min(b.next_delay(), d - clock.t))), True)[1])
-    starts = []
+    starts: list[float] = []
 
-    def start():
+    def start(seconds_left: float) -> FakeLaunch:
         starts.append(clock.t)
-        clock.t += 1.0
-        return FakeProc(False)  # ray start exits at once (e.g. rejected)
+        return FakeLaunch(clock, [(0.5, "started"), (1.0, "")], code=1)  # ray start exits (e.g. rejected)
 
     with pytest.raises(HeadUnreachable, match=r"could not join head gpu01 at 10.0.0.1:4321 within 30s .*exited with code 1"):
-        ray_cluster.join_cluster(start=start, head_host="gpu01", head_ip="10.0.0.1", gcs_port=4321,
-                                 node_ip="10.0.0.9", node_manager_port=5, timeout=30,
-                                 stopper=ClockStopper(clock), log=lambda m: None, terminate=lambda p: None,
-                                 backoff=Backoff(rng=random.Random(0), cap=5.0), clock=clock)
+        join(clock, start, timeout=30, backoff=Backoff(rng=random.Random(0), cap=5.0))
     assert len(starts) >= 4
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     assert gaps[-1] > gaps[0]
     assert 30 <= clock.t <= 36
 
 
-def test_join_names_a_head_that_never_answered(monkeypatch):
+def test_join_retries_an_attempt_that_started_but_never_registered(monkeypatch, fake_sleep):
     clock = FakeClock()
+    fake_sleep(clock)
+    monkeypatch.setattr(ray_cluster, "tcp_open", lambda *a, **k: True)
+    launches: list[FakeLaunch] = []
+
+    def start(seconds_left: float) -> FakeLaunch:
+        launches.append(FakeLaunch(clock, [(1.0, "started")] if not launches else [(1.0, "started"), (2.0, "joined")]))
+        return launches[-1]
+
+    res = join(clock, start, attempt_timeout=10)
+    assert res is not None and res.attempts == 2 and launches[0].closed
+    assert 11 <= clock.t < 20  # gave the first attempt 10 s after it started
+
+
+def test_join_names_a_head_that_never_answered(monkeypatch, fake_sleep):
+    clock = FakeClock()
+    fake_sleep(clock)
     monkeypatch.setattr(ray_cluster, "tcp_open", lambda *a, **k: False)
-    monkeypatch.setattr(ray_cluster, "sleep_until_next",
-                        lambda b, d, s, c=None, sl=None: (clock.sleep(max(0, min(b.next_delay(), d - clock.t))), True)[1])
     with pytest.raises(HeadUnreachable, match=r"^head gpu01 never answered at 10.0.0.1:4321 within 12s$"):
-        ray_cluster.join_cluster(start=lambda: pytest.fail("must not start ray"), head_host="gpu01",
-                                 head_ip="10.0.0.1", gcs_port=4321, node_ip="10.0.0.9", node_manager_port=5,
-                                 timeout=12, stopper=ClockStopper(clock), log=lambda m: None,
-                                 terminate=lambda p: None, clock=clock)
+        join(clock, lambda left: pytest.fail("must not start ray"), timeout=12)
 
 
-def test_join_starts_ray_only_once_the_heads_own_node_is_registered(monkeypatch):
-    """`ray start --address` re-reads the head's node record only every 2 s: start after it exists."""
+def test_join_names_a_head_whose_raylet_never_registered(monkeypatch, fake_sleep):
     clock = FakeClock()
-    registered_at = 7.0
-    watcher = FakeWatcher([])
-    watcher.nodes = lambda timeout=2.0: [HEAD] if clock.t >= registered_at else []  # type: ignore[method-assign]
+    fake_sleep(clock)
     monkeypatch.setattr(ray_cluster, "tcp_open", lambda *a, **k: True)
-    monkeypatch.setattr(ray_cluster, "GcsWatcher", lambda addr: watcher)
-    monkeypatch.setattr(ray_cluster, "sleep_until_next",
-                        lambda b, d, s, c=None, sl=None: (clock.sleep(min(b.next_delay(), d - clock.t)), True)[1])
-    starts: list[float] = []
-    logs: list[str] = []
+    from slurm_vllm.node.ray_launch import HEAD_NEVER_REGISTERED
 
-    def start():
-        starts.append(clock.t)
-        watcher.nodes = lambda timeout=2.0: [HEAD, node("me", ip="10.0.0.9", port=5)]  # type: ignore[method-assign]
-        return FakeProc(True)
-
-    res = ray_cluster.join_cluster(
-        start=start, head_host="h", head_ip="10.0.0.1", gcs_port=1, node_ip="10.0.0.9", node_manager_port=5,
-        timeout=60, stopper=ClockStopper(clock), log=logs.append, terminate=lambda p: None,
-        backoff=Backoff(rng=random.Random(0)), clock=clock)
-    assert res is not None and res.attempts == 1
-    assert registered_at <= starts[0] <= registered_at + 0.5
-    assert any("waiting for its raylet to register" in m for m in logs)
-
-
-def test_join_names_a_head_whose_raylet_never_registered(monkeypatch):
-    clock = FakeClock()
-    watcher = FakeWatcher([[]])
-    monkeypatch.setattr(ray_cluster, "tcp_open", lambda *a, **k: True)
-    monkeypatch.setattr(ray_cluster, "GcsWatcher", lambda addr: watcher)
-    monkeypatch.setattr(ray_cluster, "sleep_until_next",
-                        lambda b, d, s, c=None, sl=None: (clock.sleep(max(0, min(b.next_delay(), d - clock.t))), True)[1])
     with pytest.raises(HeadUnreachable, match=r"head gpu01's GCS answered at 10.0.0.1:4321 but its own Ray node "
                                               r"never registered within 12s"):
-        ray_cluster.join_cluster(start=lambda: pytest.fail("must not start ray"), head_host="gpu01",
-                                 head_ip="10.0.0.1", gcs_port=4321, node_ip="10.0.0.9", node_manager_port=5,
-                                 timeout=12, stopper=ClockStopper(clock), log=lambda m: None,
-                                 terminate=lambda p: None, clock=clock)
+        join(clock, lambda left: FakeLaunch(clock, [(left, "")], code=HEAD_NEVER_REGISTERED), timeout=12)
+
+
+def test_join_logs_when_the_head_is_ready_and_ray_start_runs(monkeypatch, fake_sleep):
+    clock = FakeClock()
+    fake_sleep(clock)
+    monkeypatch.setattr(ray_cluster, "tcp_open", lambda *a, **k: True)
+    logs: list[str] = []
+    join(clock, lambda left: FakeLaunch(clock, [(4.0, "started"), (6.0, "joined")]), log=logs.append)
+    assert any("once the head's raylet is registered" in m for m in logs)
+    assert any("ray start is running" in m for m in logs)
 
 
 def test_ray_env_retries_local_connections_in_short_steps_with_the_same_budget():

@@ -1,4 +1,4 @@
-"""The ray launcher: Ray's own CLI without the Serve/Jobs imports, started now or on a word."""
+"""The Ray launcher: Ray's own CLI without the Serve/Jobs imports, run now or on an order."""
 
 from __future__ import annotations
 
@@ -10,21 +10,28 @@ import sys
 import pytest
 
 from slurm_vllm.node import ray_launch
-from slurm_vllm.node.lifecycle import OwnedProcess
-from slurm_vllm.node.ray_launch import WarmRayStart, launcher_argv
+from slurm_vllm.node.ray_launch import HEAD_NEVER_REGISTERED, Launch, Launches, launcher_argv
 
 pytest.importorskip("ray")
 
 
-def waiting_launcher(env: dict[str, str]) -> OwnedProcess:
-    return OwnedProcess("ray-worker", launcher_argv(), env, stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+def spawn(env: dict[str, str] | None = None) -> Launch:
+    return Launch.spawn("ray-worker", dict(os.environ) if env is None else env, stdout=subprocess.PIPE)
 
 
-def output(proc: OwnedProcess) -> str:
-    assert proc.popen.stdout is not None
-    out = proc.popen.stdout.read().decode()
-    proc.popen.wait(timeout=60)
-    return out
+def output(launch: Launch) -> str:
+    out = launch.proc.popen.stdout
+    assert out is not None
+    text = out.read().decode()
+    launch.proc.popen.wait(timeout=60)
+    return text
+
+
+def events(launch: Launch) -> list[str]:
+    words = []
+    while (word := launch.next_event(60)) not in ("", None):
+        words.append(word)
+    return words
 
 
 def test_runs_rays_cli_without_the_serve_and_jobs_subcommands():
@@ -34,31 +41,42 @@ def test_runs_rays_cli_without_the_serve_and_jobs_subcommands():
     assert not {"serve", "job"} & commands
 
 
-def test_end_of_input_before_any_arguments_starts_nothing(monkeypatch):
+def test_end_of_input_before_any_order_starts_nothing(monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     assert ray_launch.main([]) == 0
 
 
-def test_waiting_launcher_runs_the_arguments_it_is_handed():
+def test_an_ordered_launcher_says_started_then_runs_the_arguments():
+    launch = spawn()
+    launch.order(["--version"])
+    assert events(launch) == ["started"]
+    assert "ray, version" in output(launch) and launch.proc.poll() == 0
+
+
+def test_a_launcher_closed_before_its_order_exits_having_run_nothing():
+    launch = spawn()
+    launch.close()
+    assert output(launch) == "" and launch.proc.poll() == 0
+
+
+def test_a_head_that_never_registers_ends_the_launcher_with_its_own_code():
+    launch = spawn()
+    launch.order(["--version"], await_head="127.0.0.1:9", timeout=2)  # nothing listens on port 9
+    assert events(launch) == []  # never "started"
+    assert "did not register at 127.0.0.1:9 within 2s" in output(launch)
+    assert launch.proc.poll() == HEAD_NEVER_REGISTERED
+
+
+def test_launches_reuse_the_waiting_launcher_once_and_only_with_the_same_env():
     env = dict(os.environ)
-    warm = WarmRayStart(waiting_launcher(env), env)
-    proc = warm.hand_over([*launcher_argv(), "--version"], env)
-    assert proc is not None and proc.argv[-1] == "--version"
-    assert "ray, version" in output(proc) and proc.poll() == 0
-    assert warm.hand_over([*launcher_argv(), "--version"], env) is None  # only once
-
-
-@pytest.mark.parametrize("why", ["other env", "not the launcher"])
-def test_waiting_launcher_is_released_unused_when_it_cannot_serve(why):
-    env = dict(os.environ)
-    proc = waiting_launcher(env)
-    warm = WarmRayStart(proc, env)
-    if why == "other env":
-        assert warm.hand_over([*launcher_argv(), "--version"], dict(env, VLLM_HOST_IP="10.9.9.9")) is None
-    else:
-        assert warm.hand_over(["/usr/bin/ray", "--version"], env) is None
-    assert output(proc) == "" and proc.poll() == 0  # exited on end of input, ran nothing
-
-
-def test_ray_command_prefers_the_launcher_when_this_python_has_ray():
-    assert ray_launch.ray_command() == launcher_argv()
+    launches = Launches(lambda e: spawn(dict(e)), env)
+    first = launches.next(env)
+    assert first is launches.all[0]  # the one spawned ahead serves the first attempt
+    first.order(["--version"])
+    second = launches.next(env)
+    assert second is not first  # an ordered launcher is used up
+    third = launches.next(dict(env, VLLM_HOST_IP="10.9.9.9"))
+    assert third is not second and len(launches.all) == 3  # Ray reads some of its env at import
+    launches.close()
+    for launch in launches.all:
+        output(launch)
