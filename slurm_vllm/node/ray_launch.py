@@ -107,9 +107,17 @@ class Reporter:
             self.stream = None
 
 
-def _gcs_nodes(client: Any) -> list[Any]:
+def _gcs_nodes(client: Any, **select: Any) -> list[Any]:
+    """Alive nodes matching ``select`` (NodeSelector fields): one small reply, however big the
+    cluster, so every worker can ask often."""
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo  # type: ignore[attr-defined]
+    from ray.core.generated.gcs_service_pb2 import GetAllNodeInfoRequest  # type: ignore[attr-defined]
+
     try:
-        return list(client.get_all_node_info(timeout=1.0).values())
+        selector = GetAllNodeInfoRequest.NodeSelector(**select)
+        reply = client.get_all_node_info(timeout=1.0, node_selectors=[selector],
+                                         state_filter=GcsNodeInfo.GcsNodeState.ALIVE)
+        return [info for info in reply.values() if int(info.state) == 0]
     except Exception:  # noqa: BLE001 - not answering yet is the normal case
         return []
 
@@ -140,10 +148,10 @@ def await_head(address: str, timeout: float) -> bool:
     client = _gcs_client(address, deadline)
     delay = 0.05
     while client is not None and time.monotonic() < deadline:
-        if any(info.is_head_node and int(info.state) == 0 for info in _gcs_nodes(client)):
+        if _gcs_nodes(client, is_head_node=True):
             return True
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(0.25, delay * 2)
+        delay = min(0.1, delay * 2)
     print(f"ray_launch: the head's Ray node did not register at {address} within {timeout:.0f}s",
           file=sys.stderr, flush=True)
     return False
@@ -153,9 +161,8 @@ def report_joined(report: Reporter, address: str, node_ip: str, port: int | None
     """Say "joined" once this node's raylet is alive in the GCS (runs beside ``ray start``)."""
     client = _gcs_client(address, time.monotonic() + 3600)
     while client is not None:
-        for info in _gcs_nodes(client):
-            if (int(info.state) == 0 and info.node_manager_address == node_ip
-                    and (port is None or int(info.node_manager_port) == int(port))):
+        for info in _gcs_nodes(client, node_ip_address=node_ip):
+            if port is None or int(info.node_manager_port) == int(port):
                 report.say("joined")
                 report.close()
                 return
