@@ -53,21 +53,4 @@ def __dir__() -> list[str]:
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Endpoint",
-    "Job",
-    "JobBlockedError",
-    "JobFailedError",
-    "JobNotFoundError",
-    "JobStatus",
-    "ServeSpec",
-    "SlurmCommandError",
-    "SlurmVllmError",
-    "SpecError",
-    "SpecErrors",
-    "WaitTimeoutError",
-    "__version__",
-    "attach",
-    "render",
-    "submit",
-]
+__all__ = [*sorted(_EXPORTS), "__version__"]

@@ -31,6 +31,9 @@ SIGNAL_REASONS = {
 }
 
 PR_SET_CHILD_SUBREAPER = 36
+#: SIGTERM-to-SIGKILL wait when the node program tears its Ray processes down: Ray keeps nothing
+#: worth a longer wait, and Slurm's KillWait may be 3 s or less.
+TEARDOWN_GRACE = 1.5
 
 
 def log(msg: str, stream: IO[str] | None = None) -> None:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from slurm_vllm import jobdir as jd_mod
 from slurm_vllm.errors import NodeError
@@ -36,7 +36,6 @@ ENV_NO_SERVE = "SLURM_VLLM_NODE_NO_SERVE"
 ENV_KEEP_TMP = "SLURM_VLLM_KEEP_RAY_TMP"
 
 HEAD_LOST_AFTER = 10.0  # a worker declares the head gone after this long without its GCS port
-TEARDOWN_GRACE = 1.5  # Ray keeps nothing worth a longer wait; Slurm's KillWait may be 3 s or less
 
 
 @dataclass
@@ -170,7 +169,7 @@ class NodeProgram:
                     and int(info.get("restart", 0)) == _restart_count(self.env))
 
     def _teardown(self) -> None:
-        lifecycle.terminate(self.owned, grace=TEARDOWN_GRACE, log_fn=self.log)
+        lifecycle.terminate(self.owned, grace=lifecycle.TEARDOWN_GRACE, log_fn=self.log)
         if self.stopper.failed:
             self._save_ray_logs()
         if self.temp_dir and not self.env.get(ENV_KEEP_TMP):
@@ -260,25 +259,27 @@ class NodeProgram:
 
     def _ray_args(self, topo: Topology, ports: PortPlan, head_address: str | None) -> list[str]:
         """``ray`` arguments (``start ...``) for this node's head or worker."""
-        return ray_cluster.ray_start_argv(
-            ray=[], node_ip=topo.node_ip, temp_dir=str(self.temp_dir),
+        return ray_cluster.ray_start_args(
+            node_ip=topo.node_ip, temp_dir=str(self.temp_dir),
             port_args=ports.ray_start_args(head=head_address is None), head_address=head_address,
             node_name=topo.hostname, num_gpus=ray_cluster.count_gpus(self.env),
             num_cpus=ray_cluster.count_cpus(self.env))
 
-    def _start(self, name: str, argv: list[str], env: Mapping[str, str]) -> OwnedProcess:
+    def _ray_log(self) -> IO[bytes]:
+        """This node's Ray log, opened for a child's output (the child keeps its own copy)."""
         self.jobdir.logs.mkdir(parents=True, exist_ok=True)
         assert self.topo is not None
-        with open(ray_log_path(self.jobdir, self.topo.rank), "ab") as out:
+        return open(ray_log_path(self.jobdir, self.topo.rank), "ab")
+
+    def _start(self, name: str, argv: list[str], env: Mapping[str, str]) -> OwnedProcess:
+        with self._ray_log() as out:
             proc = OwnedProcess(name, argv, env, stdout=out)
         self.owned.append(proc)
         return proc
 
     def _spawn_launch(self, env: Mapping[str, str]) -> Launch:
         """A Ray launcher waiting for its order (ray_launch), output to this node's Ray log."""
-        self.jobdir.logs.mkdir(parents=True, exist_ok=True)
-        assert self.topo is not None
-        with open(ray_log_path(self.jobdir, self.topo.rank), "ab") as out:
+        with self._ray_log() as out:
             launch = Launch.spawn("ray-worker", env, stdout=out)
         self.owned.append(launch.proc)
         return launch

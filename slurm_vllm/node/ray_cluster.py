@@ -20,14 +20,20 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slurm_vllm.errors import NodeError
 from slurm_vllm.node.lifecycle import OwnedProcess, Stopper
-from slurm_vllm.node.ray_launch import HEAD_NEVER_REGISTERED, Launch
+
+if TYPE_CHECKING:
+    from slurm_vllm.node.ray_launch import Launch
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
+
+#: A Ray launcher's exit code (ray_launch): the head's GCS answered but its own Ray node never
+#: registered in time.
+HEAD_NEVER_REGISTERED = 75
 
 
 # ---------------------------------------------------------------- backoff
@@ -172,12 +178,13 @@ def sweep_stale_temp_dirs(running_job_ids: set[str], root: str = "/tmp", min_age
     return removed
 
 
-def ray_start_argv(*, ray: Sequence[str], node_ip: str, temp_dir: str, port_args: Sequence[str],
+def ray_start_args(*, node_ip: str, temp_dir: str, port_args: Sequence[str],
                    head_address: str | None = None, node_name: str | None = None,
                    num_gpus: int | None = None, num_cpus: int | None = None,
                    block: bool = True, extra: Sequence[str] = ()) -> list[str]:
-    """``ray start`` for a head (``head_address`` None) or a worker joining ``head_address``."""
-    argv = [*ray, "start"]
+    """``ray`` arguments (``start ...``) for a head (``head_address`` None) or a worker joining
+    ``head_address``; the launcher (ray_launch) runs them."""
+    argv = ["start"]
     argv += ["--head"] if head_address is None else [f"--address={head_address}"]
     argv += [f"--node-ip-address={node_ip}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     if node_name:
@@ -270,12 +277,24 @@ class GcsWatcher:
         self.last_error = box.get("error", f"no answer from GCS {self.address} within {timeout:.0f}s")
         return False
 
-    def nodes(self, timeout: float = 2.0) -> list[RayNode] | None:
-        """Every node the GCS knows (alive and dead); None when the GCS did not answer."""
+    def nodes(self, timeout: float = 2.0, **alive_matching: Any) -> list[RayNode] | None:
+        """Every node the GCS knows (alive and dead); None when the GCS did not answer.
+
+        With NodeSelector fields (``is_head_node=True``, ``node_ip_address=IP``): only the alive
+        nodes matching them, selected by the GCS, so the reply stays small however big the
+        cluster and many nodes can ask often.
+        """
         if self._client is None and not self.connect():
             return None
+        query: dict[str, Any] = {}
+        if alive_matching:
+            from ray.core.generated.gcs_pb2 import GcsNodeInfo  # type: ignore[attr-defined]
+            from ray.core.generated.gcs_service_pb2 import GetAllNodeInfoRequest  # type: ignore[attr-defined]
+
+            query = {"node_selectors": [GetAllNodeInfoRequest.NodeSelector(**alive_matching)],
+                     "state_filter": GcsNodeInfo.GcsNodeState.ALIVE}
         try:
-            infos = self._client.get_all_node_info(timeout=timeout)
+            infos = self._client.get_all_node_info(timeout=timeout, **query)
         except Exception as e:  # noqa: BLE001 - RpcError, AuthenticationError, timeouts
             self.last_error = f"{type(e).__name__}: {e}"
             return None

@@ -36,11 +36,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
 from slurm_vllm.node.lifecycle import OwnedProcess
+from slurm_vllm.node.ray_cluster import HEAD_NEVER_REGISTERED, GcsWatcher
 
 #: Subcommands Ray's CLI adds only if they import; ``ray start`` needs neither.
 UNUSED_CLI_MODULES = ("ray.serve.scripts", "ray.dashboard.modules.job.cli")
-#: Exit code: the head's GCS answered but its own Ray node never registered in time.
-HEAD_NEVER_REGISTERED = 75
 
 
 def launcher_argv(python: str = sys.executable) -> list[str]:
@@ -107,48 +106,15 @@ class Reporter:
             self.stream = None
 
 
-def _gcs_nodes(client: Any, **select: Any) -> list[Any]:
-    """Alive nodes matching ``select`` (NodeSelector fields): one small reply, however big the
-    cluster, so every worker can ask often."""
-    from ray.core.generated.gcs_pb2 import GcsNodeInfo  # type: ignore[attr-defined]
-    from ray.core.generated.gcs_service_pb2 import GetAllNodeInfoRequest  # type: ignore[attr-defined]
-
-    try:
-        selector = GetAllNodeInfoRequest.NodeSelector(**select)
-        reply = client.get_all_node_info(timeout=1.0, node_selectors=[selector],
-                                         state_filter=GcsNodeInfo.GcsNodeState.ALIVE)
-        return [info for info in reply.values() if int(info.state) == 0]
-    except Exception:  # noqa: BLE001 - not answering yet is the normal case
-        return []
-
-
-def _gcs_client(address: str, deadline: float) -> Any:
-    """Ray's GCS client, or None at the deadline (building one blocks while the GCS is silent)."""
-    from ray._raylet import GcsClient  # type: ignore[attr-defined]  # imported already by the CLI
-
-    box: dict[str, Any] = {}
-
-    def build() -> None:
-        while "client" not in box and time.monotonic() < deadline:
-            try:
-                box["client"] = GcsClient(address=address)
-            except Exception:  # noqa: BLE001 - not answering yet
-                time.sleep(0.2)
-
-    thread = threading.Thread(target=build, name="gcs-connect", daemon=True)
-    thread.start()
-    thread.join(max(0.0, deadline - time.monotonic()))
-    return box.get("client")
-
-
 def await_head(address: str, timeout: float) -> bool:
     """Wait until the GCS at ``address`` lists the head's own node alive; False at the deadline."""
     deadline = time.monotonic() + timeout
     print(f"ray_launch: waiting for the head's Ray node to register at {address}", file=sys.stderr, flush=True)
-    client = _gcs_client(address, deadline)
+    watcher = GcsWatcher(address)
     delay = 0.05
-    while client is not None and time.monotonic() < deadline:
-        if _gcs_nodes(client, is_head_node=True):
+    while time.monotonic() < deadline:
+        if watcher.connect(timeout=max(0.5, deadline - time.monotonic())) and \
+                watcher.nodes(timeout=1.0, is_head_node=True):
             return True
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(0.1, delay * 2)
@@ -159,14 +125,12 @@ def await_head(address: str, timeout: float) -> bool:
 
 def report_joined(report: Reporter, address: str, node_ip: str, port: int | None) -> None:
     """Say "joined" once this node's raylet is alive in the GCS (runs beside ``ray start``)."""
-    client = _gcs_client(address, time.monotonic() + 3600)
-    while client is not None:
-        for info in _gcs_nodes(client, node_ip_address=node_ip):
-            if port is None or int(info.node_manager_port) == int(port):
-                report.say("joined")
-                report.close()
-                return
+    watcher = GcsWatcher(address)
+    while not any(port is None or n.port == int(port)
+                  for n in watcher.nodes(timeout=1.0, node_ip_address=node_ip) or ()):
         time.sleep(0.2)
+    report.say("joined")
+    report.close()
 
 
 def _address_arg(args: Sequence[str]) -> str:

@@ -42,7 +42,7 @@ from typing import Any, Mapping, Protocol, Sequence
 from slurm_vllm import spec as spec_mod
 from slurm_vllm.errors import SpecErrors
 from slurm_vllm.jobdir import ENDED, FAILED, LOADING_MODEL, READY, JobDir, read_json, write_json, write_state
-from slurm_vllm.node.lifecycle import slurm_kill_wait
+from slurm_vllm.node.lifecycle import TEARDOWN_GRACE, slurm_kill_wait
 from slurm_vllm.spec import ServeSpec
 
 #: How many lines of vLLM's log go into state.json when it fails.
@@ -51,8 +51,8 @@ LOG_TAIL_LINES = 30
 DEFAULT_READY_TIMEOUT = 3600.0
 #: Seconds vLLM gets after SIGTERM before its process group is killed (at most; see stop_grace).
 STOP_GRACE = 30.0
-#: What the node program needs after vLLM has stopped: Ray's teardown (main.TEARDOWN_GRACE) and a margin.
-TEARDOWN_BUDGET = 2.0
+#: What the node program needs after vLLM has stopped: Ray's teardown and a margin.
+TEARDOWN_BUDGET = TEARDOWN_GRACE + 0.5
 MIN_STOP_GRACE = 1.0
 POLL_INTERVAL = 2.0
 #: After vLLM exits, how long to wait for a stop signal that may be racing with it.

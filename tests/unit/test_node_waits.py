@@ -235,11 +235,9 @@ def test_join_names_a_head_whose_raylet_never_registered(monkeypatch, fake_sleep
     clock = FakeClock()
     fake_sleep(clock)
     monkeypatch.setattr(ray_cluster, "tcp_open", lambda *a, **k: True)
-    from slurm_vllm.node.ray_launch import HEAD_NEVER_REGISTERED
-
     with pytest.raises(HeadUnreachable, match=r"head gpu01's GCS answered at 10.0.0.1:4321 but its own Ray node "
                                               r"never registered within 12s"):
-        join(clock, lambda left: FakeLaunch(clock, [(left, "")], code=HEAD_NEVER_REGISTERED), timeout=12)
+        join(clock, lambda left: FakeLaunch(clock, [(left, "")], code=ray_cluster.HEAD_NEVER_REGISTERED), timeout=12)
 
 
 def test_join_logs_when_the_head_is_ready_and_ray_start_runs(monkeypatch, fake_sleep):
