@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from slurm_vllm.api import attach, render, submit
     from slurm_vllm.errors import (
+        EndpointNotReadyError,
+        JobEndedError,
         JobFailedError,
         JobNotFoundError,
         SlurmCommandError,
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
 #: (``python -m slurm_vllm.node...``) do not load the spec model and pydantic when they need neither.
 _EXPORTS = {
     **dict.fromkeys(("attach", "render", "submit"), "slurm_vllm.api"),
-    **dict.fromkeys(("JobFailedError", "JobNotFoundError", "SlurmCommandError", "SlurmVllmError",
+    **dict.fromkeys(("EndpointNotReadyError", "JobEndedError", "JobFailedError", "JobNotFoundError", "SlurmCommandError", "SlurmVllmError",
                      "SpecError", "SpecErrors", "WaitTimeoutError"), "slurm_vllm.errors"),
     **dict.fromkeys(("Endpoint", "Job", "JobBlockedError", "JobStatus"), "slurm_vllm.job"),
     "ServeSpec": "slurm_vllm.spec",

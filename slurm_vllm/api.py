@@ -10,7 +10,6 @@ the script refers to (its spec, secrets and log folder).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from slurm_vllm import slurm
@@ -32,11 +31,11 @@ def _as_spec(spec: ServeSpec | str, options: dict[str, Any]) -> ServeSpec:
 
 def render(spec: ServeSpec | str, template: str | os.PathLike[str] | None = None, **options: Any) -> str:
     """The sbatch script for ``spec``, without writing anything (a preview)."""
-    from slurm_vllm.render import render_script, resolve_job_dir  # noqa: PLC0415 - Jinja2 only here
+    from slurm_vllm.render import preview_job_dir, render_script  # noqa: PLC0415 - Jinja2 only here
     from slurm_vllm.spec import validate_spec  # noqa: PLC0415
 
     spec = validate_spec(_as_spec(spec, options), check_paths=True)
-    return render_script(spec, resolve_job_dir(spec), template=template)
+    return render_script(spec, preview_job_dir(spec), template=template)
 
 
 def prepare(spec: ServeSpec | str, template: str | os.PathLike[str] | None = None, **options: Any) -> JobDir:
@@ -65,14 +64,21 @@ def submit(
     """
     if backend not in BACKENDS:
         raise SpecError("backend", backend, f"choose one of {', '.join(BACKENDS)}", "is not a submission backend")
-    spec = _as_spec(spec, options)
-    jobdir = prepare(spec, template=template)
-    if backend == "submitit":
-        from slurm_vllm import submitit_backend  # noqa: PLC0415 - imports submitit
+    from slurm_vllm.render import prepare_submission  # noqa: PLC0415
 
-        job_id = submitit_backend.submit(spec, jobdir)
-    else:
-        job_id = slurm.sbatch(jobdir.script, jobdir.path)
+    spec = _as_spec(spec, options)
+    created = prepare_submission(spec, template=template)
+    jobdir = created.jobdir
+    try:
+        if backend == "submitit":
+            from slurm_vllm import submitit_backend  # noqa: PLC0415 - imports submitit
+
+            job_id = submitit_backend.submit(spec, jobdir)
+        else:
+            job_id = slurm.sbatch(jobdir.script, jobdir.path)
+    except BaseException:
+        created.undo()  # a refused submission leaves nothing behind, fresh secrets least of all
+        raise
     atomic_write(jobdir.job_id_file, job_id + "\n", mode=0o600)
     job = Job(job_id, jobdir)
     if wait:
@@ -89,6 +95,8 @@ def attach(job: str | int | os.PathLike[str]) -> Job:
     return Job.attach(str(job) if isinstance(job, int) else job)
 
 
-def jobs() -> list[Job]:
+def jobs(include_ended: bool = False) -> list[Job]:
     """Handles for this user's queued and running jobs of this tool (one Slurm call)."""
-    return [Job(j.job_id, JobDir(Path(j.workdir))) for j in slurm.list_jobs() if j.workdir]
+    from slurm_vllm.catalog import list_jobs  # noqa: PLC0415
+
+    return [row.job for row in list_jobs(include_ended=include_ended)]

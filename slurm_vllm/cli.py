@@ -17,7 +17,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from slurm_vllm.errors import SlurmCommandError, SlurmVllmError
@@ -112,9 +111,9 @@ def _print_explain(rows: list[Any]) -> None:
 
 
 def _attach(job: str) -> Any:
-    from slurm_vllm.job import Job  # noqa: PLC0415
+    from slurm_vllm.catalog import find  # noqa: PLC0415
 
-    return Job.attach(job)
+    return find(job)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -159,7 +158,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from slurm_vllm.job import attach_many, statuses  # noqa: PLC0415
+    from slurm_vllm.catalog import attach_many  # noqa: PLC0415
+    from slurm_vllm.job import statuses  # noqa: PLC0415
 
     jobs = attach_many(list(args.job))
     sts = statuses(jobs)
@@ -201,7 +201,7 @@ def cmd_endpoint(args: argparse.Namespace) -> int:
 
     job = _attach(args.job)
     job.status()
-    ep = job.endpoint
+    ep = job.endpoint  # raises for a job that is over (exit 4) or not serving yet (exit 1)
     if args.json:
         _print_json({"base_url": ep.base_url, "model": ep.model, "api_key": ep.api_key, "host": ep.host, "port": ep.port, "job_id": job.job_id})
     elif args.env:
@@ -223,9 +223,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             return EXIT_OK
         return EXIT_OK
-    text = job.logs(node, tail=args.tail)
+    text = job.logs(node, tail=args.tail, attempt=args.attempt)
     if not text:
-        _err(f"{job.log_path(node)}: nothing logged yet")
+        _err(f"{job.log_path(node, args.attempt)}: nothing logged yet")
     sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
     return EXIT_OK
 
@@ -241,39 +241,44 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from slurm_vllm import slurm  # noqa: PLC0415
-    from slurm_vllm.job import _plain  # noqa: PLC0415
-    from slurm_vllm.jobdir import JobDir  # noqa: PLC0415
+    from slurm_vllm.catalog import list_jobs  # noqa: PLC0415
 
     rows = []
-    for sj in slurm.list_jobs():
-        jd = JobDir(Path(sj.workdir)) if sj.workdir else None
-        state = jd.read_state() if jd else None
-        if state and str(state.get("job_id", sj.job_id)) != sj.job_id:
-            state = None
-        endpoint = jd.read_endpoint() if jd else None
-        if sj.category is slurm.Category.PENDING:
-            phase = "PENDING"
-        else:
-            phase = (state or {}).get("phase") or ("STARTING_RAY" if sj.category is slurm.Category.RUNNING else sj.state.name)
+    for row in list_jobs(include_ended=args.all):
+        st, sj = row.status, row.slurm
         rows.append({
-            "job_id": sj.job_id, "name": sj.name, "slurm_state": sj.state.raw, "phase": phase,
-            "reason": (str(sj.reason) if sj.reason else _plain(str((state or {}).get("reason") or ""))),
-            "nodes": sj.nodes, "elapsed": sj.elapsed, "time_limit": sj.time_limit,
-            "url": (endpoint or {}).get("base_url") if phase == "READY" else None,
-            "job_dir": sj.workdir,
+            "job_id": st.job_id, "name": sj.name if sj else "", "phase": st.phase.value,
+            "slurm_state": st.slurm_state, "reason": st.reason, "model": st.model,
+            "nodes": st.nodes_expected, "elapsed": st.elapsed, "time_limit": sj.time_limit if sj else "",
+            "url": st.url, "job_dir": st.job_dir, "restart": st.restart,
         })
     if args.json:
         _print_json(rows)
         return EXIT_OK
     if not rows:
-        _err("no queued or running slurm_vllm jobs")
+        _err("no queued or running slurm_vllm jobs" + ("" if args.all else " (--all: ended ones too)"))
         return EXIT_OK
-    print("JOBID\tNAME\tPHASE\tSLURM\tNODES\tELAPSED\tURL/REASON\tJOB DIR")
+    print("JOBID\tNAME\tMODEL\tPHASE\tSLURM\tNODES\tELAPSED\tURL/REASON\tJOB DIR")
     for r in rows:
         print("\t".join(str(x) for x in (
-            r["job_id"], r["name"], r["phase"], r["slurm_state"], r["nodes"] or "", r["elapsed"],
-            r["url"] or r["reason"] or "", r["job_dir"])))
+            r["job_id"], r["name"], r["model"] or "", r["phase"], r["slurm_state"], r["nodes"] or "",
+            r["elapsed"], r["url"] or r["reason"] or "", r["job_dir"])))
+    return EXIT_OK
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from slurm_vllm.catalog import cleanup  # noqa: PLC0415
+
+    removed = cleanup(older_than_days=args.older_than, dry_run=args.dry_run)
+    if args.json:
+        _print_json([{"job_id": r.job_id, "job_dir": str(r.path), "phase": r.phase,
+                      "age_days": round(r.age_days, 2), "removed": not args.dry_run} for r in removed])
+        return EXIT_OK
+    verb = "would remove" if args.dry_run else "removed"
+    for r in removed:
+        print(f"{verb}\t{r.job_id or '-'}\t{r.phase}\t{r.age_days:.1f} days\t{r.path}")
+    if not removed:
+        _err("nothing to clean up (only ended jobs' directories are removed)")
     return EXIT_OK
 
 
@@ -346,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", type=_node_arg, default=None, help="node number, 'vllm' or 'batch'")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     p.add_argument("--tail", type=int, default=None, help="only the last N lines")
+    p.add_argument("--attempt", type=int, default=None, metavar="N",
+                   help="the run of a requeued job (0 the first; default the latest)")
 
     p = add("cancel", cmd_cancel, "cancel the job and return once Slurm says it has ended")
     p.add_argument("job", metavar="JOB")
@@ -353,6 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = add("list", cmd_list, "this user's queued and running jobs of this tool (one Slurm call)")
+    p.add_argument("--all", action="store_true", help="also recently ended jobs and the jobs root's ended jobs")
+    p.add_argument("--json", action="store_true")
+
+    p = add("cleanup", cmd_cleanup, "remove the job directories of ended jobs under the jobs root")
+    p.add_argument("--older-than", type=float, default=0.0, metavar="DAYS",
+                   help="only directories untouched for DAYS days")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     p.add_argument("--json", action="store_true")
 
     for name, what in (
@@ -362,6 +376,18 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub.add_parser(name, help=what, add_help=False)
     return parser
+
+
+def _show_warnings() -> None:
+    """The library's warnings (e.g. a corrupt file in a job directory) as one stderr line each."""
+    import logging  # noqa: PLC0415
+
+    logger = logging.getLogger("slurm_vllm")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
 
 
 def _split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -393,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    _show_warnings()
     try:
         return args.func(args)
     except SlurmVllmError as exc:

@@ -77,6 +77,13 @@ class JobFailedError(SlurmVllmError, RuntimeError):
         super().__init__(msg)
 
 
+class JobEndedError(JobFailedError):
+    """The job ended (cancelled, time limit, finished) before it was ready, or after it was.
+
+    A :class:`JobFailedError` too, so code that catches that keeps working; exit code 4.
+    """
+
+
 class WaitTimeoutError(SlurmVllmError, TimeoutError):
     """Waiting for readiness ran past the caller's timeout; the job itself goes on."""
 

@@ -9,13 +9,12 @@ endpoint's ``/health``. Log text is shown to people, never parsed for words.
 from __future__ import annotations
 
 import html
-import json
 import os
 import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,18 +23,29 @@ from slurm_vllm import slurm
 from slurm_vllm.errors import (
     EndpointNotReadyError,
     JobBlockedError,
+    JobEndedError,
     JobFailedError,
     JobNotFoundError,
     SlurmVllmError,
     WaitTimeoutError,
 )
-from slurm_vllm.jobdir import ENDED, FAILED, LOADING_MODEL, READY, STARTING_RAY, JobDir, default_jobs_root
-
-PENDING = "PENDING"
-UNKNOWN = "UNKNOWN"
+from slurm_vllm.jobdir import (
+    EndpointRecord,
+    JobDir,
+    Phase,
+    Run,
+    StateRecord,
+    is_current,
+    spec_summary,
+    tail_lines,
+)
 
 #: How many lines of a failing node's log a FAILED status carries.
 LOG_TAIL_LINES = 20
+
+#: How long ``wait`` keeps asking about a job Slurm has no record of before it gives up: long
+#: enough for accounting to catch up with a job that just ended, short enough not to hang.
+FORGOTTEN_GRACE = 30.0
 
 
 @dataclass(frozen=True)
@@ -62,8 +72,9 @@ class JobStatus:
 
     job_id: str | None
     job_dir: str
-    phase: str
+    phase: Phase
     reason: str = ""
+    restart: int | None = None  # the run: how often Slurm requeued the job (None: not known)
     slurm_state: str = ""
     nodes_joined: int | None = None
     nodes_expected: int | None = None
@@ -71,32 +82,35 @@ class JobStatus:
     model: str | None = None
     healthy: bool | None = None
     blocked: bool = False
+    forgotten: bool = False  # Slurm has no record of the job and no record of ours is final
     log_tail: str = ""
     elapsed: str = ""
     checked_at: float = field(default_factory=time.time)
 
     @property
     def final(self) -> bool:
-        return self.phase in (ENDED, FAILED)
+        return self.phase.final
 
     @property
     def ready(self) -> bool:
-        return self.phase == READY and bool(self.healthy)
+        return self.phase.serving and bool(self.healthy)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["phase"] = self.phase.value
+        return d
 
     def summary(self) -> str:
         """One line for a terminal: ``READY http://...`` or ``PENDING (Resources: ...)``."""
-        if self.phase == READY:
-            text = f"READY {self.url}"
+        if self.phase.serving:
+            text = f"{self.phase} {self.url}"
             if not self.healthy:
                 text += f" (not answering from here: {self.reason})"
             return text
-        if self.phase == STARTING_RAY and self.nodes_expected:
+        if self.phase is Phase.STARTING_RAY and self.nodes_expected:
             text = f"STARTING_RAY {self.nodes_joined or 0}/{self.nodes_expected} nodes"
             return text + (f" ({self.reason})" if self.reason else "")
-        return f"{self.phase} ({self.reason})" if self.reason else self.phase
+        return f"{self.phase} ({self.reason})" if self.reason else str(self.phase)
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,18 +149,6 @@ def probe_health(base_url: str, api_key: str | None = None, timeout: float = 3.0
 PROBE: Callable[[str, str | None], tuple[bool, str]] = probe_health
 
 
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            data = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(data.splitlines()[-lines:])
-
-
 # --------------------------------------------------------------------------------------------
 # Combining the three sources
 # --------------------------------------------------------------------------------------------
@@ -156,51 +158,58 @@ def combine(
     job_id: str | None,
     jobdir: JobDir,
     sjob: slurm.SlurmJob | None,
-    state: dict[str, Any] | None,
-    endpoint: dict[str, Any] | None,
+    state: StateRecord | Mapping[str, Any] | None,
+    endpoint: EndpointRecord | Mapping[str, Any] | None,
     api_key: str | None,
     probe: Callable[[str, str | None], tuple[bool, str]] | None = None,
 ) -> JobStatus:
-    """Decide the phase from Slurm's record, the head's state file and a health probe.
+    """Decide the phase from Slurm's record, the head's records and a health probe.
 
-    Pure except for the probe, so every combination is unit-testable. Rules:
-    Slurm says pending → PENDING with its reason (a requeued job's old state file is ignored);
-    Slurm says running → the state file's phase, READY only with an endpoint file, and healthy only if
-    the probe answers; Slurm says ended → the state file's final phase if it wrote one, else a
-    reason from Slurm's state (cancelled, time limit, node failure, out of memory...).
+    Pure except for the probe, so every combination is unit-testable. Records count only when
+    :func:`~slurm_vllm.jobdir.is_current` says they are this run's (Slurm's job id and restart
+    count). Rules: Slurm says pending → PENDING with its reason (``requeued`` when the job has run
+    before); Slurm says running → the state record's phase, READY only with an endpoint record,
+    and healthy only if the probe answers; Slurm says ended → the state record's final phase if
+    it wrote one, else a reason from Slurm's state (cancelled, time limit, node failure, ...).
     """
     probe = probe or PROBE
-    if state is not None and job_id is not None and str(state.get("job_id", "")) not in ("", str(job_id)):
-        state = None  # written by another job that used this directory
-    st = dict(state or {})
-    s_phase = st.get("phase")
+    run = sjob.run if sjob is not None else (Run(str(job_id), None) if job_id else None)
+    any_state = StateRecord.parse(state) if state is not None else None
+    st = any_state if is_current(any_state, run) else None
+    ep = EndpointRecord.parse(endpoint) if endpoint is not None else None
+    ep = ep if is_current(ep, run) else None
     status = JobStatus(
         job_id=job_id,
         job_dir=str(jobdir.path),
-        phase=UNKNOWN,
-        nodes_joined=st.get("nodes_joined"),
-        nodes_expected=st.get("nodes_expected"),
+        phase=Phase.UNKNOWN,
+        restart=(sjob.restarts if sjob else None) if sjob and sjob.restarts is not None else (st.restart if st else None),
+        nodes_joined=st.nodes_joined if st else None,
+        nodes_expected=st.nodes_expected if st else None,
         slurm_state=(sjob.state.raw if sjob else ""),
         elapsed=(sjob.elapsed if sjob else ""),
+        model=spec_summary(jobdir).get("model") or None,
     )
     if status.nodes_expected is None and sjob is not None and sjob.nodes:
         status.nodes_expected = sjob.nodes
     cat = sjob.category if sjob else slurm.Category.UNKNOWN
+    attempt = status.restart or 0
 
     def from_state_final() -> bool:
-        if s_phase in (ENDED, FAILED):
-            status.phase = s_phase
-            status.reason = _plain(str(st.get("reason") or ""))
-            status.log_tail = _plain(str(st.get("log_tail") or "") or (_failing_log_tail(jobdir) if s_phase == FAILED else ""))
+        if st is not None and st.phase.final:
+            status.phase = st.phase
+            status.reason = _plain(st.reason)
+            tail = st.log_tail or (_failing_log_tail(jobdir, attempt) if st.phase is Phase.FAILED else "")
+            status.log_tail = _plain(tail)
             return True
         return False
 
     if cat is slurm.Category.PENDING:
         assert sjob is not None
-        status.phase = PENDING
+        status.phase = Phase.PENDING
         reason = sjob.reason or slurm.parse_reason(None)
+        ran_before = bool(sjob.restarts) or (any_state is not None and any_state.job_id == sjob.job_id)
         if sjob.state.name == "PENDING":
-            status.reason = str(reason)
+            status.reason = f"requeued; {reason}" if ran_before else str(reason)
         elif reason.code == "None":
             status.reason = sjob.state.meaning
         else:
@@ -213,21 +222,21 @@ def combine(
         if from_state_final():
             return status
         if cat is slurm.Category.ENDING:
-            status.phase = ENDED
+            status.phase = Phase.ENDED
             status.reason = "job is completing"
             return status
-        if s_phase == READY and endpoint:
-            status.phase = READY
-            status.url = endpoint.get("base_url")
-            status.model = endpoint.get("model")
-            ok, why = probe(str(status.url), api_key)
+        if st is not None and st.phase.serving and ep is not None:
+            status.phase = st.phase
+            status.url = ep.base_url
+            status.model = ep.model or status.model
+            ok, why = probe(ep.base_url, api_key)
             status.healthy = ok
             status.reason = why
-        elif s_phase in (STARTING_RAY, LOADING_MODEL, READY):
-            status.phase = s_phase if s_phase != READY else LOADING_MODEL
-            status.reason = str(st.get("reason") or "")
+        elif st is not None and st.phase in (Phase.STARTING_RAY, Phase.LOADING_MODEL, Phase.READY, Phase.DEGRADED):
+            status.phase = st.phase if not st.phase.serving else Phase.LOADING_MODEL
+            status.reason = st.reason
         else:
-            status.phase = STARTING_RAY
+            status.phase = Phase.STARTING_RAY
             status.nodes_joined = 0
             status.reason = "job started; node programs starting"
         if cat is slurm.Category.SUSPENDED:
@@ -241,23 +250,24 @@ def combine(
         detail = f" {sjob.state.detail}" if sjob.state.detail else ""
         exit_note = f" (exit code {sjob.exit_code})" if sjob.exit_code and sjob.exit_code not in ("0:0", "") else ""
         if cat is slurm.Category.CANCELLED:
-            status.phase, status.reason = ENDED, f"cancelled{detail}"
+            status.phase, status.reason = Phase.ENDED, f"cancelled{detail}"
         elif cat is slurm.Category.TIMEOUT:
-            status.phase, status.reason = ENDED, "time limit reached"
+            status.phase, status.reason = Phase.ENDED, "time limit reached"
         elif cat is slurm.Category.COMPLETED:
-            status.phase, status.reason = ENDED, "job finished"
+            status.phase, status.reason = Phase.ENDED, "job finished"
         else:
-            status.phase = FAILED
+            status.phase = Phase.FAILED
             status.reason = f"{sjob.state.name}: {sjob.state.meaning}{exit_note}"
-            status.log_tail = _plain(_failing_log_tail(jobdir))
+            status.log_tail = _plain(_failing_log_tail(jobdir, attempt))
         return status
 
-    # Slurm knows nothing (or an unknown state): trust a final state file, else say so.
+    # Slurm knows nothing (or an unknown state): trust a final state record, else say so.
     if from_state_final():
         return status
     if sjob is not None:
         status.reason = f"Slurm reports {sjob.state.raw!r}, a state this tool does not know"
     else:
+        status.forgotten = job_id is not None
         status.reason = (
             f"Slurm has no record of job {job_id}" if job_id else "no job id recorded in the job directory yet"
         )
@@ -272,88 +282,25 @@ def _plain(text: str) -> str:
     return _ANSI.sub("", text)
 
 
-def _failing_log_tail(jobdir: JobDir) -> str:
-    """The last lines of the log most likely to explain a failure.
+def _failing_log_tail(jobdir: JobDir, restart: int = 0) -> str:
+    """The last lines of the log most likely to explain a failure of run ``restart``.
 
     The node log written last is the one of the node that failed (the others were stopped after
     it); without node logs, the batch script's output.
     """
-    candidates: list[Path] = []
+    folder = jobdir.attempt_logs(restart)
     try:
-        candidates = [p for p in jobdir.logs.iterdir() if p.is_file() and p.stat().st_size > 0]
+        candidates = [p for p in folder.iterdir() if p.is_file() and p.stat().st_size > 0]
     except OSError:
         return ""
     nodes = [p for p in candidates if p.name.startswith("node-")]
-    pool = nodes or [p for p in candidates if p.name.startswith("batch")] or candidates
+    batch = [p for p in jobdir.logs.glob("batch-*") if p.is_file() and p.stat().st_size > 0]
+    pool = nodes or batch or candidates
     if not pool:
         return ""
     newest = max(pool, key=lambda p: p.stat().st_mtime)
-    tail = _tail(newest)
+    tail = tail_lines(newest, LOG_TAIL_LINES)
     return f"[{newest.name}]\n{tail}" if tail else ""
-
-
-# --------------------------------------------------------------------------------------------
-# Finding a job
-# --------------------------------------------------------------------------------------------
-
-
-def _looks_like_jobdir(path: Path) -> bool:
-    return path.is_dir() and ((path / "spec.json").exists() or (path / "job.sbatch").exists())
-
-
-def _local_index() -> dict[str, JobDir]:
-    """Job id -> job directory for the directories under the default jobs root (no Slurm call)."""
-    root = default_jobs_root()
-    out: dict[str, JobDir] = {}
-    if root.is_dir():
-        for d in root.iterdir():
-            jd = JobDir(d)
-            jid = jd.read_job_id()
-            if jid:
-                out[jid] = jd
-    return out
-
-
-def _jobdir_from_record(job_id: str, sjob: slurm.SlurmJob | None) -> JobDir:
-    if sjob is None:
-        raise JobNotFoundError(f"job {job_id}: Slurm has no record of it and no job directory names it")
-    workdir = Path(sjob.workdir) if sjob.workdir else None
-    if workdir is None or not _looks_like_jobdir(workdir):
-        raise JobNotFoundError(
-            f"job {job_id} is not a slurm_vllm job: its working directory {sjob.workdir or '(unknown)'} "
-            "is not a job directory (no spec.json or job.sbatch)"
-        )
-    return JobDir(workdir)
-
-
-def attach_many(names: list[str], poller: slurm.Poller | None = None) -> list[Job]:
-    """Handles for several jobs (ids or directories), asking Slurm once for all unknown ids."""
-    poller = poller or slurm.POLLER
-    index = _local_index()
-    need = [n for n in names if n.isdigit() and not Path(n).is_dir() and n not in index]
-    records = poller.get(need) if need else {}
-    jobs = []
-    for n in names:
-        if n in records:
-            jobs.append(Job(n, _jobdir_from_record(n, records[n]), poller=poller))
-        elif n in index and n.isdigit():
-            jobs.append(Job(n, index[n], poller=poller))
-        else:
-            jobs.append(Job.attach(n))
-    return jobs
-
-
-def find_jobdir(job_id: str, poller: slurm.Poller | None = None) -> JobDir:
-    """The job directory of ``job_id``: the local index first, then Slurm's WorkDir for the job.
-
-    Jobs submitted by hand from a rendered script are found the second way: the script sets
-    ``--chdir`` to its job directory, which squeue/sacct report as the job's working directory.
-    """
-    local = _local_index().get(str(job_id))
-    if local is not None:
-        return local
-    sjob = (poller or slurm.POLLER).get([str(job_id)]).get(str(job_id))
-    return _jobdir_from_record(str(job_id), sjob)
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,17 +332,9 @@ class Job:
     @classmethod
     def attach(cls, job: str | os.PathLike[str]) -> Job:
         """A handle for a job named by its Slurm id or its job directory."""
-        text = os.fspath(job)
-        path = Path(text).expanduser()
-        if not text.isdigit() or path.is_dir():
-            if not _looks_like_jobdir(path):
-                raise JobNotFoundError(f"{text!r} is neither a Slurm job id nor a job directory (no spec.json)")
-            jd = JobDir(path)
-            jid = jd.read_job_id()
-            if jid is None:
-                raise JobNotFoundError(f"job directory {jd.path} has no job_id file: was it ever submitted?")
-            return cls(jid, jd)
-        return cls(text, find_jobdir(text))
+        from slurm_vllm.catalog import find  # noqa: PLC0415 - catalog builds on this module
+
+        return find(job)
 
     @property
     def job_dir(self) -> Path:
@@ -409,12 +348,8 @@ class Job:
 
     def status(self, force: bool = False) -> JobStatus:
         """Where the job is now (one Slurm query at most, shared and rate-limited)."""
-        st = combine(
-            self.job_id, self.jobdir, self.slurm_info(force=force), self.jobdir.read_state(),
-            self.jobdir.read_endpoint(), self.jobdir.read_secret(self.jobdir.api_key),
-        )
-        self._last = st
-        return st
+        self._last = status_of(self, self.slurm_info(force=force))
+        return self._last
 
     def wait_ready(
         self,
@@ -427,16 +362,18 @@ class Job:
     ) -> Endpoint:
         """Wait until the server answers, and return its endpoint.
 
-        Keeps waiting while the job is queued, however long (bounded only by ``timeout``). Raises
-        :class:`JobFailedError` if the job fails or ends first, :class:`WaitTimeoutError` when
-        ``timeout`` passes (the job goes on), and :class:`JobBlockedError` if Slurm says the job
-        will never start (unless ``fail_if_blocked`` is False). ``on_progress`` gets every status
-        whose summary changed.
+        Keeps waiting while the job is queued, however long (bounded only by ``timeout``), and
+        through a requeue. Raises :class:`JobFailedError` if the job fails (:class:`JobEndedError`
+        if it ends) first, or if Slurm forgets the job for :data:`FORGOTTEN_GRACE` seconds;
+        :class:`WaitTimeoutError` when ``timeout`` passes (the job goes on); and
+        :class:`JobBlockedError` if Slurm says the job will never start (unless
+        ``fail_if_blocked`` is False). ``on_progress`` gets every status whose summary changed.
         """
         if interval is None:
             interval = float(os.environ.get("SLURM_VLLM_POLL_INTERVAL", "2"))
         deadline = None if timeout is None else clock() + timeout
         last_summary = None
+        forgotten_since: float | None = None
         while True:
             st = self.status()
             summary = st.summary()
@@ -446,14 +383,22 @@ class Job:
             if st.ready:
                 return self.endpoint
             if st.final:
-                raise JobFailedError(self.job_id, st.phase, st.reason or "ended before it was ready", st.log_tail)
+                raise _over_error(self.job_id, st)
             if st.blocked and fail_if_blocked:
                 raise JobBlockedError(
                     f"job {self.job_id} will not start: {st.reason}. It is still queued: fix the request and "
                     f"cancel it (slurm-vllm cancel {self.job_id})"
                 )
-            if st.phase == UNKNOWN and self.job_id is None:
+            if st.phase is Phase.UNKNOWN and self.job_id is None:
                 raise JobNotFoundError(f"{self.jobdir.path}: no job id recorded; was the job submitted?")
+            if st.forgotten:
+                forgotten_since = clock() if forgotten_since is None else forgotten_since
+                if clock() - forgotten_since >= FORGOTTEN_GRACE:
+                    raise JobEndedError(self.job_id, Phase.ENDED.value,
+                                        f"Slurm has no record of job {self.job_id} (for {FORGOTTEN_GRACE:g} s) and "
+                                        "the job directory holds no final state: it ended without saying why")
+            else:
+                forgotten_since = None
             if deadline is not None and clock() >= deadline:
                 raise WaitTimeoutError(f"job {self.job_id} not ready after {timeout:g} s; last seen: {summary}")
             pause = interval if deadline is None else max(0.0, min(interval, deadline - clock()))
@@ -462,20 +407,29 @@ class Job:
     # ----- using the server
     @property
     def endpoint(self) -> Endpoint:
-        """The published endpoint; raises :class:`EndpointNotReadyError` before the job wrote one."""
-        ep = self.jobdir.read_endpoint()
-        ep_job = ep.get("job_id") if ep else None
-        if not ep or (self.job_id and ep_job is not None and str(ep_job) != str(self.job_id)):
-            phase = self._last.summary() if self._last else "unknown"
-            raise EndpointNotReadyError(f"job {self.job_id} has no endpoint yet (last seen: {phase}); wait for it first")
-        port = ep.get("port")
+        """The current run's endpoint, only while the job serves.
+
+        Raises :class:`JobFailedError` / :class:`JobEndedError` once the job is over, and
+        :class:`EndpointNotReadyError` before this run published one.
+        """
+        st = self._last if self._last is not None and time.time() - self._last.checked_at < 2.0 else self.status()
+        if st.final:
+            raise _over_error(self.job_id, st, what="has no endpoint: it")
+        run = self._run(st)
+        ep = self.jobdir.read_endpoint(run) if run is not None else None
+        if ep is None or not st.phase.serving:
+            raise EndpointNotReadyError(f"job {self.job_id} has no endpoint yet (last seen: {st.summary()}); "
+                                        f"wait for it first (slurm-vllm wait {self.job_id})")
         return Endpoint(
-            base_url=str(ep["base_url"]),
-            model=str(ep.get("model") or ""),
+            base_url=ep.base_url,
+            model=ep.model,
             api_key=self.jobdir.read_secret(self.jobdir.api_key),
-            host=str(ep.get("host") or ""),
-            port=int(port) if port is not None else None,
+            host=ep.host,
+            port=ep.port,
         )
+
+    def _run(self, st: JobStatus) -> Run | None:
+        return Run(self.job_id, st.restart) if self.job_id else None
 
     def openai_client(self, **kwargs: Any) -> Any:
         """An ``openai.OpenAI`` client for this job's server (``openai`` is imported only here)."""
@@ -487,24 +441,28 @@ class Job:
         return openai.OpenAI(**kwargs)
 
     # ----- logs
-    def log_path(self, node: int | str | None = None) -> Path:
-        """Path of a log: node N's (default: the head, node 0), ``"vllm"`` or ``"batch"``."""
+    def log_path(self, node: int | str | None = None, attempt: int | None = None) -> Path:
+        """Path of a log: node N's (default: the head, node 0), ``"vllm"`` or ``"batch"``.
+
+        ``attempt`` picks the run of a requeued job (0 the first); default the latest.
+        """
+        restart = self.jobdir.attempts[-1] if attempt is None else attempt
         if node is None:
             node = 0
         if isinstance(node, int) or str(node).isdigit():
-            return self.jobdir.node_log(int(node))
+            return self.jobdir.node_log(int(node), restart)
         if node == "vllm":
-            return self.jobdir.vllm_log
+            return self.jobdir.vllm_log(restart)
         if node == "batch":
             batch = sorted(self.jobdir.logs.glob("batch-*"))
             return batch[-1] if batch else self.jobdir.logs / f"batch-{self.job_id}.out"
         raise ValueError(f"node={node!r}: give a node number, 'vllm' or 'batch'")
 
-    def logs(self, node: int | str | None = None, tail: int | None = None) -> str:
+    def logs(self, node: int | str | None = None, tail: int | None = None, attempt: int | None = None) -> str:
         """Text of one log (see :meth:`log_path`); empty if it does not exist yet."""
-        path = self.log_path(node)
+        path = self.log_path(node, attempt)
         if tail:
-            return _tail(path, tail)
+            return tail_lines(path, tail)
         try:
             return path.read_text(errors="replace")
         except FileNotFoundError:
@@ -561,10 +519,13 @@ class Job:
         return f"<Job {self.job_id} {self.jobdir.path}{last}>"
 
     def _repr_html_(self) -> str:
-        st = self._last or self.status()
+        try:
+            st = self._last or self.status()
+        except Exception as exc:  # noqa: BLE001 - a notebook's display must never raise
+            return f"<pre>{html.escape(repr(self))}: status unavailable ({html.escape(str(exc))})</pre>"
         rows = [
             ("job id", st.job_id or "?"),
-            ("phase", st.phase),
+            ("phase", st.phase.value),
             ("reason", st.reason),
             ("nodes", f"{st.nodes_joined}/{st.nodes_expected}" if st.nodes_expected else ""),
             ("url", st.url or ""),
@@ -578,6 +539,20 @@ class Job:
         return f"<table><caption>slurm_vllm job</caption>{body}</table>"
 
 
+def _over_error(job_id: str | None, st: JobStatus, what: str = "") -> JobFailedError:
+    """The error for a job that is over: :class:`JobEndedError` if it ENDED, else JobFailedError."""
+    cls = JobEndedError if st.phase is Phase.ENDED else JobFailedError
+    reason = st.reason or "ended before it was ready"
+    return cls(job_id, st.phase.value, f"{what} {reason}".strip() if what else reason, st.log_tail)
+
+
+def status_of(job: Job, sjob: slurm.SlurmJob | None) -> JobStatus:
+    """One job's status from Slurm's record of it (already fetched) and its job directory."""
+    jd = job.jobdir
+    return combine(job.job_id, jd, sjob, StateRecord.read(jd.state), EndpointRecord.read(jd.endpoint),
+                   jd.read_secret(jd.api_key))
+
+
 def statuses(jobs: list[Job], poller: slurm.Poller | None = None) -> list[JobStatus]:
     """Status of many jobs with one Slurm round trip for all of them."""
     poller = poller or slurm.POLLER
@@ -585,12 +560,6 @@ def statuses(jobs: list[Job], poller: slurm.Poller | None = None) -> list[JobSta
     infos = poller.get(ids) if ids else {}
     out = []
     for j in jobs:
-        sj = infos.get(j.job_id) if j.job_id else None
-        out.append(
-            combine(j.job_id, j.jobdir, sj, j.jobdir.read_state(), j.jobdir.read_endpoint(), j.jobdir.read_secret(j.jobdir.api_key))
-        )
+        j._last = status_of(j, infos.get(j.job_id) if j.job_id else None)
+        out.append(j._last)
     return out
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)

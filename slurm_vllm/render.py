@@ -21,7 +21,16 @@ import jinja2
 
 from slurm_vllm import shell
 from slurm_vllm.errors import SpecError
-from slurm_vllm.jobdir import JOB_COMMENT, JobDir, default_jobs_root, write_json
+from slurm_vllm.jobdir import (
+    JOB_COMMENT,
+    Created,
+    JobDir,
+    JobDirError,
+    atomic_write,
+    create_job_dir,
+    default_jobs_root,
+    write_json,
+)
 from slurm_vllm.spec import ServeSpec, validate_spec
 
 DEFAULT_TEMPLATE = "serve.sbatch.j2"
@@ -117,7 +126,6 @@ def _context(spec: ServeSpec, jobdir: JobDir) -> dict[str, Any]:
     srun_opts = ["--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     if r.cpus_per_task is not None:
         srun_opts.append(f"--cpus-per-task={r.cpus_per_task}")
-    srun_opts.append(f"--output={pattern_dir}/logs/node-%t.log")
     return {
         "spec": spec,
         "version": __version__,
@@ -127,6 +135,7 @@ def _context(spec: ServeSpec, jobdir: JobDir) -> dict[str, Any]:
         "tensor_parallel_size": spec.tensor_parallel_size,
         "pipeline_parallel_size": spec.pipeline_parallel_size,
         "srun_opts": srun_opts,
+        "node_log_dir": f"{pattern_dir}/logs",  # a Slurm file pattern: % escaped
         "container_argv": wrapper,
         "node_argv": node_argv,
         "activate": os.path.join(e.venv, "bin", "activate") if e.venv else None,
@@ -166,21 +175,12 @@ def _dir_name(job_name: str) -> str:
     return name[:64]
 
 
-def resolve_job_dir(spec: ServeSpec, now: _dt.datetime | None = None) -> JobDir:
-    """The job directory: ``spec.job_dir``, else ``<jobs root>/<job name>-<YYYYmmdd-HHMMSS>``.
-
-    A default name that is already taken gets ``-2``, ``-3``... so two submissions within the
-    same second never share a directory.
-    """
+def preview_job_dir(spec: ServeSpec, now: _dt.datetime | None = None) -> JobDir:
+    """The job directory a submission would create (for a preview; nothing is created)."""
     if spec.job_dir:
         return JobDir(Path(spec.job_dir))
     now = now or _dt.datetime.now()
-    base = default_jobs_root() / f"{_dir_name(spec.resources.job_name)}-{now:%Y%m%d-%H%M%S}"
-    candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return JobDir(candidate)
+    return JobDir(default_jobs_root() / f"{_dir_name(spec.resources.job_name)}-{now:%Y%m%d-%H%M%S}")
 
 
 def prepare_job(
@@ -188,37 +188,45 @@ def prepare_job(
     template: str | os.PathLike[str] | None = None,
     now: _dt.datetime | None = None,
 ) -> JobDir:
-    """Validate, resolve and create the job directory, and write spec.json, secrets and job.sbatch.
+    """Validate, create the job directory, and write spec.json, secrets and job.sbatch.
 
-    Everything that can fail (validation, rendering) happens before the first write. Nothing
-    already in the directory is overwritten: a directory holding any of our files is refused.
     After this the script can be submitted by hand with plain ``sbatch``.
     """
-    validate_spec(spec, check_paths=True)
-    jobdir = resolve_job_dir(spec, now)
-    resolved = ServeSpec.model_validate(
-        {**spec.model_dump(mode="json"), "job_dir": str(jobdir.path)}, context={"check_paths": False}
-    )
-    script = render_script(resolved, jobdir, template)
-    ours = [jobdir.spec, jobdir.script, jobdir.api_key, jobdir.ray_token]
-    taken = [p.name for p in ours if p.exists()]
-    if taken:
-        raise SpecError("job_dir", str(jobdir.path),
-                        "choose another --job-dir (it already holds " + ", ".join(taken) + ")",
-                        problem="is already in use")
-    try:
-        jobdir.create()
-    except FileExistsError:
-        raise SpecError("job_dir", str(jobdir.path), "choose another --job-dir",
-                        problem="is already in use") from None
-    except OSError as exc:
-        raise SpecError("job_dir", str(jobdir.path), f"choose a writable place ({exc.strerror or exc})",
-                        problem="cannot be created") from None
-    write_json(jobdir.spec, resolved.model_dump(mode="json"), mode=0o600)
-    if resolved.serve.api_key:
-        jobdir.write_secret(jobdir.api_key)
-    jobdir.write_secret(jobdir.ray_token)
-    from slurm_vllm.jobdir import atomic_write
+    return prepare_submission(spec, template, now).jobdir
 
-    atomic_write(jobdir.script, script, mode=0o700)
-    return jobdir
+
+def prepare_submission(
+    spec: ServeSpec,
+    template: str | os.PathLike[str] | None = None,
+    now: _dt.datetime | None = None,
+) -> Created:
+    """:func:`prepare_job`, returning what was created so a refused submission can ``undo()`` it.
+
+    The spec is validated before anything is created; the directory is created atomically and
+    uniquely (:func:`~slurm_vllm.jobdir.create_job_dir`), and removed again if anything after
+    that fails.
+    """
+    validate_spec(spec, check_paths=True)
+    stamp = f"{now or _dt.datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        created = create_job_dir(spec.job_dir, _dir_name(spec.resources.job_name), stamp=stamp)
+    except JobDirError as exc:
+        raise SpecError("job_dir", str(exc.path), exc.fix, problem=exc.problem) from None
+    except OSError as exc:
+        raise SpecError("job_dir", spec.job_dir or str(default_jobs_root()),
+                        f"choose a writable place ({exc.strerror or exc})", problem="cannot be created") from None
+    jobdir = created.jobdir
+    try:
+        resolved = ServeSpec.model_validate(
+            {**spec.model_dump(mode="json"), "job_dir": str(jobdir.path)}, context={"check_paths": False}
+        )
+        script = render_script(resolved, jobdir, template)
+        write_json(jobdir.spec, resolved.model_dump(mode="json"), mode=0o600)
+        if resolved.serve.api_key:
+            jobdir.write_secret(jobdir.api_key)
+        jobdir.write_secret(jobdir.ray_token)
+        atomic_write(jobdir.script, script, mode=0o700)
+    except BaseException:
+        created.undo()
+        raise
+    return created

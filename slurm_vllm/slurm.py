@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from slurm_vllm.errors import SlurmCommandError
-from slurm_vllm.jobdir import JOB_COMMENT
+from slurm_vllm.jobdir import Run
 
 #: Seconds a single Slurm command may take before it counts as failed (and, for sbatch, transient).
 DEFAULT_TIMEOUT = 30.0
@@ -341,7 +341,13 @@ class SlurmJob:
     exit_code: str = ""
     elapsed: str = ""
     time_limit: str = ""
+    restarts: int | None = None  # how often Slurm requeued it (squeue only; None: not known)
     source: str = "squeue"
+
+    @property
+    def run(self) -> Run:
+        """The run Slurm is on now: (job id, restart count), the restart unknown from sacct."""
+        return Run(self.job_id, self.restarts)
 
     @property
     def category(self) -> Category:
@@ -357,7 +363,10 @@ class SlurmJob:
         return d
 
 
-SQUEUE_FIELDS = ("%i", "%T", "%r", "%j", "%D", "%N", "%M", "%l", "%k", "%Z")
+#: squeue's long-format fields (``--Format``: the restart count has no ``%`` code); size 0 means
+#: "never cut", and each field but the last ends with the separator.
+SQUEUE_FIELDS = ("JobID", "State", "Reason", "Name", "NumNodes", "NodeList", "TimeUsed", "TimeLimit",
+                 "Comment", "RestartCnt", "WorkDir")
 SACCT_FIELDS = ("JobID", "State", "Reason", "JobName", "NNodes", "NodeList", "Elapsed", "Timelimit", "ExitCode", "WorkDir")
 
 
@@ -379,13 +388,13 @@ def _rows(text: str, n: int) -> list[list[str]]:
 
 
 def _job(source: str, jid: str, state: str, reason: str, name: str, nodes: str, nodelist: str,
-         elapsed: str, limit: str, workdir: str, **extra: str) -> SlurmJob:
+         elapsed: str, limit: str, workdir: str, **extra: Any) -> SlurmJob:
     """One SlurmJob from the fields squeue and sacct share."""
     st = parse_state(state)
     return SlurmJob(
         job_id=jid.strip(),
         state=st,
-        reason=parse_reason(reason) if st.category is Category.PENDING else None,
+        reason=parse_reason(reason.strip()) if st.category is Category.PENDING else None,
         name=name,
         nodes=_int_or_none(nodes.strip()),
         nodelist=nodelist.strip(),
@@ -400,9 +409,11 @@ def _job(source: str, jid: str, state: str, reason: str, name: str, nodes: str, 
 def parse_squeue(text: str) -> list[SlurmJob]:
     """Parse ``squeue --noheader -o`` output in :data:`SQUEUE_FIELDS` order."""
     jobs = []
-    for jid, state, reason, name, nodes, nodelist, elapsed, limit, comment, workdir in _rows(text, len(SQUEUE_FIELDS)):
+    for jid, state, reason, name, nodes, nodelist, elapsed, limit, comment, restarts, workdir in _rows(
+            text, len(SQUEUE_FIELDS)):
         jobs.append(_job("squeue", jid, state, reason, name, nodes, nodelist, elapsed, limit, workdir,
-                         comment="" if comment == "(null)" else comment))
+                         comment="" if comment.strip() == "(null)" else comment.strip(),
+                         restarts=_int_or_none(restarts.strip())))
     return jobs
 
 
@@ -420,7 +431,8 @@ def parse_sacct(text: str) -> list[SlurmJob]:
 
 
 def squeue_argv(job_ids: Iterable[str] | None = None, me: bool = False) -> list[str]:
-    argv = ["squeue", "--noheader", "--states=all", "--format=" + SEP.join(SQUEUE_FIELDS)]
+    fmt = ",".join(f"{f}:0{SEP}" for f in SQUEUE_FIELDS[:-1]) + f",{SQUEUE_FIELDS[-1]}:0"
+    argv = ["squeue", "--noheader", "--states=all", "--Format=" + fmt]
     ids = list(job_ids or [])
     if ids:
         argv.append("--jobs=" + ",".join(ids))
@@ -483,9 +495,12 @@ class Poller:
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, SlurmJob | None]] = {}
 
-    def clear(self) -> None:
+    def prime(self, jobs: Iterable[SlurmJob]) -> None:
+        """Cache records fetched elsewhere (``list`` has them from its own squeue call)."""
         with self._lock:
-            self._cache.clear()
+            now = self._clock()
+            for j in jobs:
+                self._cache[j.job_id] = (now, j)
 
     def get(self, job_ids: Iterable[str], force: bool = False) -> dict[str, SlurmJob | None]:
         """State of every id in ``job_ids``; ``None`` for jobs neither squeue nor sacct knows."""
@@ -597,21 +612,9 @@ def scancel(job_id: str, signal: str | None = None, timeout: float = DEFAULT_TIM
         raise
 
 
-def list_jobs(timeout: float = DEFAULT_TIMEOUT) -> list[SlurmJob]:
-    """This user's queued and running jobs of this tool, in one squeue call.
-
-    Jobs are recognised by ``--comment=slurm_vllm``, which both the rendered script and the
-    submitit path set.
-    """
-    return [
-        j for j in squeue(me=True, timeout=timeout)
-        if j.comment.strip() == JOB_COMMENT and not j.category.final
-    ]
-
-
 __all__ = [
     "Category", "Completed", "POLLER", "PendingReason", "Poller", "ReasonKind", "SEP", "STATE_TABLE",
-    "SlurmJob", "SlurmState", "find_job_by_workdir", "is_transient", "list_jobs", "parse_reason",
+    "SlurmJob", "SlurmState", "find_job_by_workdir", "is_transient", "parse_reason",
     "parse_sacct", "parse_sbatch_parsable", "parse_squeue", "parse_state", "run", "sacct", "sbatch",
     "scancel", "squeue", "use_runner",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -20,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from slurm_vllm import jobdir as jd_mod
-from slurm_vllm.errors import NodeError
-from slurm_vllm.jobdir import JobDir
+from slurm_vllm.errors import NodeError, SlurmVllmError
+from slurm_vllm.jobdir import HeadRecord, JobDir, Phase, Run, parse_restart, tail_lines, write_state
 from slurm_vllm.node import lifecycle, ray_cluster, topology
 from slurm_vllm.node.lifecycle import OwnedProcess, Stopper
 from slurm_vllm.node.ports import PortPlan, plan_ports
@@ -49,6 +47,7 @@ class NodeContext:
 
     spec: ServeSpec
     jobdir: JobDir
+    run: Run
     topology: Topology
     ports: PortPlan
     env: dict[str, str]
@@ -98,27 +97,6 @@ def load_spec(jobdir: JobDir) -> ServeSpec:
     return load_spec_json(jobdir.spec)
 
 
-def _restart_count(env: Mapping[str, str]) -> int:
-    value = env.get("SLURM_RESTART_COUNT", "0")
-    return int(value) if value.isdigit() else 0
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def ray_log_path(jobdir: JobDir, rank: int) -> Path:
-    """``ray start``'s own output, kept apart from the node log to keep that one readable."""
-    return jobdir.logs / f"ray-{rank}.log"
-
-
 class NodeProgram:
     """One node's run; ``run()`` returns the exit code."""
 
@@ -132,14 +110,23 @@ class NodeProgram:
         self.log = lifecycle.log
         self.temp_dir: str | None = None
         self.topo: Topology | None = None
+        self.run_id: Run | None = None
         self._wrote_head = False
         self._t0 = time.time()
 
     # ------------------------------------------------------------ common
 
-    def _write_state(self, phase: str, **fields: Any) -> None:
-        if self.topo is not None and self.topo.is_head:
-            jd_mod.write_state(self.jobdir, phase, job_id=self.topo.job_id, **fields)
+    def _write_state(self, phase: Phase, **fields: Any) -> None:
+        if self.topo is not None and self.topo.is_head and self.run_id is not None:
+            write_state(self.jobdir, self.run_id, phase, **fields)
+
+    def _current_run(self) -> Run:
+        assert self.run_id is not None
+        return self.run_id
+
+    def _ray_log_path(self) -> Path:
+        assert self.topo is not None and self.run_id is not None
+        return self.jobdir.ray_log(self.topo.rank, self.run_id.restart or 0)
 
     def _final_state(self, failed: bool, reason: str, log_tail: str = "") -> None:
         """Write ENDED/FAILED to state.json.
@@ -148,25 +135,22 @@ class NodeProgram:
         final phase during this run, whose reason is the more precise one. A worker only writes
         FAILED when no head ever published itself: then nobody else can say why the job stopped.
         """
-        topo = self.topo
-        if topo is None:
+        topo, run = self.topo, self.run_id
+        if topo is None or run is None:
             return
-        state = self.jobdir.read_state() or {}
-        final_now = state.get("phase") in jd_mod.FINAL_PHASES and state.get("updated_at", 0) >= self._t0
+        state = self.jobdir.read_state(run)
+        final_now = state is not None and state.phase.final
         if topo.is_head:
             # Keep a final phase the serving step wrote, except an ENDED that hides a failure.
-            if final_now and (not failed or state.get("phase") == jd_mod.FAILED):
+            if final_now and (not failed or (state is not None and state.phase is Phase.FAILED)):
                 return
         elif not failed or final_now or self._head_published():
             return
-        phase = jd_mod.FAILED if failed else jd_mod.ENDED
-        jd_mod.write_state(self.jobdir, phase, job_id=topo.job_id, reason=reason,
-                           reported_by=topo.hostname, log_tail=log_tail)
+        write_state(self.jobdir, run, Phase.FAILED if failed else Phase.ENDED, reason=reason,
+                    reported_by=topo.hostname, log_tail=log_tail)
 
     def _head_published(self) -> bool:
-        info = jd_mod.read_json(self.jobdir.head)
-        return bool(info and self.topo and str(info.get("job_id")) == self.topo.job_id
-                    and int(info.get("restart", 0)) == _restart_count(self.env))
+        return self.jobdir.read_head(self.run_id) is not None if self.run_id else False
 
     def _teardown(self) -> None:
         lifecycle.terminate(self.owned, grace=lifecycle.TEARDOWN_GRACE, log_fn=self.log)
@@ -183,7 +167,7 @@ class NodeProgram:
         for name in ("raylet.out", "raylet.err", "gcs_server.out", "gcs_server.err", "ray_process_exit.log"):
             src = logs / name
             if src.exists() and src.stat().st_size:
-                dst = self.jobdir.logs / f"ray-{self.topo.rank}-{name}"
+                dst = self._ray_log_path().with_name(f"ray-{self.topo.rank}-{name}")
                 try:
                     with open(src, "rb") as f:
                         f.seek(max(0, src.stat().st_size - 256 * 1024))
@@ -205,7 +189,7 @@ class NodeProgram:
         except NodeError as e:
             failed, reason = True, str(e)
             if self.topo is not None and any(p.poll() not in (None, 0) for p in self.owned):
-                tail = _tail(ray_log_path(self.jobdir, self.topo.rank))  # Ray itself failed: show why
+                tail = tail_lines(self._ray_log_path())  # Ray itself failed: show why
         except Exception as e:  # noqa: BLE001 - the reason must reach state.json
             failed, reason = True, f"{type(e).__name__}: {e}"
         finally:
@@ -228,7 +212,12 @@ class NodeProgram:
             # Name the node as Slurm does, so missing hosts can be reported by name.
             topo = dataclasses.replace(topo, hostname=topo.hosts[topo.rank])
         self.topo = topo
-        self.log(f"node program: {topo.describe()}")
+        self.run_id = run = Run(topo.job_id, parse_restart(self.env.get("SLURM_RESTART_COUNT")))
+        self.log(f"node program: {topo.describe()}" + (f", attempt {run.restart}" if run.restart else ""))
+        if topo.is_head:
+            # A requeued job: the previous run's records move next to its logs, never reread.
+            for moved in self.jobdir.archive_previous_run(run):
+                self.log(f"kept the previous run's {moved.name} as {moved}")
         ports = plan_ports(topo.job_id, topo.rank, api_port=spec.serve.port if topo.is_head else None,
                            host=topo.hostname)
         self.ports = ports
@@ -245,12 +234,13 @@ class NodeProgram:
 
     def _sweep_stale_temp_dirs(self, topo: Topology) -> None:
         """Clear temp dirs left by earlier jobs whose node program Slurm had to kill."""
+        from slurm_vllm import slurm  # noqa: PLC0415 - the one Slurm runner, only needed here
+
         try:
-            out = subprocess.run(["squeue", "-h", "--me", "-o", "%A"], capture_output=True, text=True,
-                                 timeout=15, check=True).stdout
-        except (OSError, subprocess.SubprocessError):
+            listed = slurm.squeue(me=True, timeout=15)
+        except SlurmVllmError:
             return  # without Slurm's word, leave everything alone
-        running = {line.strip() for line in out.splitlines() if line.strip()} | {topo.job_id}  # %A: unique ids
+        running = {j.job_id for j in listed if not j.category.final} | {topo.job_id}
         removed = ray_cluster.sweep_stale_temp_dirs(running, root=str(Path(str(self.temp_dir)).parent))
         if removed:
             self.log(f"removed {len(removed)} stale Ray temp dir(s) of ended jobs")
@@ -267,9 +257,9 @@ class NodeProgram:
 
     def _ray_log(self) -> IO[bytes]:
         """This node's Ray log, opened for a child's output (the child keeps its own copy)."""
-        self.jobdir.logs.mkdir(parents=True, exist_ok=True)
-        assert self.topo is not None
-        return open(ray_log_path(self.jobdir, self.topo.rank), "ab")
+        path = self._ray_log_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "ab")
 
     def _start(self, name: str, argv: list[str], env: Mapping[str, str]) -> OwnedProcess:
         with self._ray_log() as out:
@@ -285,15 +275,15 @@ class NodeProgram:
         return launch
 
     def _publish_head(self, topo: Topology, ports: PortPlan) -> None:
-        jd_mod.write_json(self.jobdir.head, {
-            "job_id": topo.job_id, "restart": _restart_count(self.env), "host": topo.hostname,
-            "ip": topo.node_ip, "gcs_port": ports.gcs, "api_port": ports.api, "published_at": time.time(),
-        })
+        assert self.run_id is not None
+        HeadRecord(job_id=self.run_id.job_id, restart=self.run_id.restart or 0, host=topo.hostname,
+                   ip=topo.node_ip, gcs_port=ports.gcs, api_port=ports.api,
+                   published_at=time.time()).write(self.jobdir.head)
         self._wrote_head = True
 
     def _run_head(self, spec: ServeSpec, topo: Topology, ports: PortPlan, token: Path) -> int:
         n, hosts = topo.num_nodes, list(topo.hosts[: topo.num_nodes])
-        self._write_state(jd_mod.STARTING_RAY, nodes_joined=0, nodes_expected=n, missing_hosts=hosts,
+        self._write_state(Phase.STARTING_RAY, nodes_joined=0, nodes_expected=n, missing_hosts=hosts,
                           reason=None, log_tail="", head_host=topo.hostname)
         env = ray_cluster.ray_env(self.env, node_ip=topo.node_ip, interface=topo.interface, token_path=token)
         os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
@@ -304,7 +294,7 @@ class NodeProgram:
         # Publish at once: workers start probing the GCS port while the head comes up.
         self._publish_head(topo, ports)
         self.log(f"ray head starting: GCS {topo.node_ip}:{ports.gcs}, temp dir {self.temp_dir}, "
-                 f"output in {ray_log_path(self.jobdir, topo.rank)}")
+                 f"output in {self._ray_log_path()}")
         if not ray_cluster.wait_gcs_open(topo.node_ip, ports.gcs, proc=head, stopper=self.stopper,
                                          timeout=max(0.0, deadline - time.monotonic()), host=topo.hostname):
             return 0
@@ -314,7 +304,7 @@ class NodeProgram:
 
         def progress(k: int, missing: list[str]) -> None:
             self.log(f"nodes {k}/{n}" + (f" (waiting for {', '.join(missing)})" if missing else ""))
-            self._write_state(jd_mod.STARTING_RAY, nodes_joined=k, nodes_expected=n, missing_hosts=missing)
+            self._write_state(Phase.STARTING_RAY, nodes_joined=k, nodes_expected=n, missing_hosts=missing)
 
         try:
             alive = ray_cluster.wait_for_nodes(watcher, expected=n, hosts=hosts,
@@ -322,18 +312,18 @@ class NodeProgram:
                                                stopper=self.stopper, head=head, on_progress=progress,
                                                started_at=t0)
         except ray_cluster.ClusterTimeout as e:
-            self._write_state(jd_mod.STARTING_RAY, nodes_joined=e.joined, missing_hosts=e.missing)
+            self._write_state(Phase.STARTING_RAY, nodes_joined=e.joined, missing_hosts=e.missing)
             raise NodeError(f"{e}{self._last_words(hosts, e.missing)}") from None
         if alive is None:
             return 0
         took = time.monotonic() - t0
         self.log(f"ray cluster ready: {n}/{n} nodes in {took:.1f}s: "
                  + ", ".join(f"{a.name}={a.ip}" for a in alive))
-        self._write_state(jd_mod.LOADING_MODEL, nodes_joined=n, nodes_expected=n, missing_hosts=[],
+        self._write_state(Phase.LOADING_MODEL, nodes_joined=n, nodes_expected=n, missing_hosts=[],
                           ray_address=address, cluster_ready_seconds=round(took, 2),
                           nodes=[{"host": a.name, "ip": a.ip, "head": a.is_head} for a in alive])
         child_env = dict(env, RAY_ADDRESS=address)
-        ctx = NodeContext(spec=spec, jobdir=self.jobdir, topology=topo, ports=ports, env=child_env,
+        ctx = NodeContext(spec=spec, jobdir=self.jobdir, run=self._current_run(), topology=topo, ports=ports, env=child_env,
                           stop_event=self.stopper.event, stopper=self.stopper, ray_address=address,
                           temp_dir=str(self.temp_dir), log=self.log, owned=self.owned)
         watchdog = threading.Thread(target=self._watch_cluster, args=(watcher, head, n, hosts),
@@ -347,7 +337,8 @@ class NodeProgram:
         for host in missing:
             if host not in hosts:
                 continue
-            lines = _tail(self.jobdir.node_log(hosts.index(host)), 1).strip()
+            restart = self.run_id.restart or 0 if self.run_id else 0
+            lines = tail_lines(self.jobdir.node_log(hosts.index(host), restart), 1).strip()
             parts.append(f"{host}: " + (repr(lines[:160]) if lines else "no log yet (its node program never started?)"))
         return ("; last log line of " + "; ".join(parts)) if parts else ""
 
@@ -386,10 +377,10 @@ class NodeProgram:
         """Backend ``mp``: no Ray; every node runs its share of vLLM (serve.run_mp_node)."""
         env = ray_cluster.ray_env(self.env, node_ip=topo.node_ip, interface=topo.interface, token_path=None)
         if topo.is_head:
-            self._write_state(jd_mod.LOADING_MODEL, nodes_joined=topo.num_nodes,
+            self._write_state(Phase.LOADING_MODEL, nodes_joined=topo.num_nodes,
                               nodes_expected=topo.num_nodes, missing_hosts=[], reason=None)
             self._publish_head(topo, ports)
-        ctx = NodeContext(spec=spec, jobdir=self.jobdir, topology=topo, ports=ports, env=env,
+        ctx = NodeContext(spec=spec, jobdir=self.jobdir, run=self._current_run(), topology=topo, ports=ports, env=env,
                           stop_event=self.stopper.event, stopper=self.stopper, ray_address=None,
                           temp_dir=str(self.temp_dir), log=self.log, owned=self.owned)
         if self.env.get(ENV_NO_SERVE) == "1":
@@ -400,17 +391,16 @@ class NodeProgram:
 
     # ------------------------------------------------------------ workers
 
-    def _wait_head_json(self, topo: Topology, deadline: float) -> dict[str, Any] | None:
+    def _wait_head_json(self, topo: Topology, deadline: float) -> HeadRecord | None:
         backoff = ray_cluster.Backoff(initial=0.1, cap=0.5)  # a stat on the shared filesystem
-        restart = _restart_count(self.env)
         said = False
         while not self.stopper.stopped:
-            info = jd_mod.read_json(self.jobdir.head)
-            if info and str(info.get("job_id")) == topo.job_id and int(info.get("restart", 0)) == restart:
+            info = self.jobdir.read_head(self.run_id)
+            if info is not None:
                 return info
-            state = self.jobdir.read_state()
-            if state and state.get("phase") in jd_mod.FINAL_PHASES and state.get("updated_at", 0) > self._t0:
-                raise NodeError(f"the head reported {state['phase']}: {state.get('reason')}")
+            state = self.jobdir.read_state(self.run_id)
+            if state is not None and state.phase.final:
+                raise NodeError(f"the head reported {state.phase}: {state.reason}")
             if not said:
                 self.log(f"waiting for the head {topo.head_host} to publish its address in {self.jobdir.head}")
                 said = True
@@ -438,7 +428,7 @@ class NodeProgram:
         info = self._wait_head_json(topo, deadline)
         if info is None:
             return 0
-        head_ip, gcs_port = str(info["ip"]), int(info["gcs_port"])
+        head_ip, gcs_port = info.ip, info.gcs_port
         topo = topology.retarget(topo, head_ip, interface=spec.network.interface, cidr=spec.network.cidr,
                                  env=self.env)
         self.topo = topo
@@ -477,11 +467,11 @@ class NodeProgram:
                     f"head {topo.head_host} went away ({head_ip}:{gcs_port}): the local raylet exited "
                     f"with code {proc.poll()}" if gone else
                     f"the Ray worker on {topo.hostname} exited with code {proc.poll()}")
-            state = self.jobdir.read_state()
-            if state and state.get("phase") in jd_mod.FINAL_PHASES and state.get("updated_at", 0) > self._t0:
-                if state["phase"] == jd_mod.FAILED:
-                    raise NodeError(f"the head reported FAILED: {state.get('reason')}")
-                self.stopper.stop(f"the head ended the job: {state.get('reason')}")
+            state = self.jobdir.read_state(self.run_id)
+            if state is not None and state.phase.final:
+                if state.phase is Phase.FAILED:
+                    raise NodeError(f"the head reported FAILED: {state.reason}")
+                self.stopper.stop(f"the head ended the job: {state.reason}")
                 break
             now = time.monotonic()
             if now - last_probe >= 1.0:

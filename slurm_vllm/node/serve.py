@@ -34,14 +34,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 from slurm_vllm import spec as spec_mod
 from slurm_vllm.errors import SpecErrors
-from slurm_vllm.jobdir import ENDED, FAILED, LOADING_MODEL, READY, JobDir, read_json, write_json, write_state
+from slurm_vllm.jobdir import EndpointRecord, HeadRecord, JobDir, Phase, Run, tail_lines, write_state
 from slurm_vllm.node.lifecycle import TEARDOWN_GRACE, slurm_kill_wait
 from slurm_vllm.spec import ServeSpec
 
@@ -69,6 +68,7 @@ class NodeContext(Protocol):
 
     spec: ServeSpec
     jobdir: JobDir
+    run: Run
     rank: int
     num_nodes: int
     head_host: str
@@ -238,15 +238,8 @@ def _group_alive(pgid: int) -> bool:
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last ``lines`` lines of a log file ('' when it does not exist)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 256 * 1024))
-            tail = deque(f.read().decode("utf-8", "replace").splitlines(), maxlen=lines)
-    except FileNotFoundError:
-        return ""
-    return "\n".join(tail)
+    """The last ``lines`` lines of vLLM's log ('' when it does not exist)."""
+    return tail_lines(path, lines, max_bytes=256 * 1024)
 
 
 def exit_reason(returncode: int | None, during: str) -> str:
@@ -395,10 +388,6 @@ def ray_address(ctx: Any) -> str | None:
     return str(address) if address else None
 
 
-def _job_id(ctx: Any) -> str | None:
-    return os.environ.get("SLURM_JOB_ID") or ctx.jobdir.read_job_id()
-
-
 def _api_key(ctx: Any) -> str | None:
     if not ctx.spec.serve.api_key:
         return None
@@ -412,16 +401,11 @@ def _ready_timeout(ctx: Any) -> float:
     return float(ctx.spec.serve.ready_timeout or DEFAULT_READY_TIMEOUT)
 
 
-def write_endpoint(jobdir: JobDir, *, ip: str, port: int, model: str, host: str, job_id: str | None) -> dict[str, Any]:
+def write_endpoint(jobdir: JobDir, run: Run, *, ip: str, port: int, model: str, host: str) -> EndpointRecord:
     """Publish the endpoint (0600: it sits next to the key and names where to use it)."""
-    endpoint = {
-        "base_url": f"http://{ip}:{port}/v1",
-        "model": model,
-        "host": host,
-        "port": port,
-        "job_id": job_id,
-    }
-    write_json(jobdir.endpoint, endpoint, mode=0o600)
+    endpoint = EndpointRecord(job_id=run.job_id, restart=run.restart or 0, base_url=f"http://{ip}:{port}/v1",
+                              model=model, host=host, port=port)
+    endpoint.write(jobdir.endpoint, mode=0o600)
     return endpoint
 
 
@@ -450,8 +434,8 @@ def serve_and_watch(
     ``srun --kill-on-bad-exit`` ends the other nodes.
     """
     jobdir: JobDir = ctx.jobdir
-    job_id = _job_id(ctx)
-    write_state(jobdir, LOADING_MODEL, job_id=job_id, reason=None, log_tail=None)
+    run: Run = ctx.run
+    write_state(jobdir, run, Phase.LOADING_MODEL, reason="", log_tail="")
     started = time.monotonic()
     grace = stop_grace(slurm_kill_wait())
     proc = launch(argv, env, log_path)
@@ -460,8 +444,8 @@ def serve_and_watch(
         outcome = wait_ready(proc, base, api_key, ctx.stop_event, _ready_timeout(ctx))
         if outcome.kind == "ready":
             model = outcome.model or ctx.spec.model.served_name or ctx.spec.model.name
-            write_endpoint(jobdir, ip=ip, port=port, model=model, host=ctx.head_host, job_id=job_id)
-            write_state(jobdir, READY, load_seconds=round(time.monotonic() - started, 1))
+            write_endpoint(jobdir, run, ip=ip, port=port, model=model, host=ctx.head_host)
+            write_state(jobdir, run, Phase.READY, load_seconds=round(time.monotonic() - started, 1))
             print(f"slurm_vllm: vLLM ready at {base}/v1 after {time.monotonic() - started:.0f} s", flush=True)
             outcome = supervise(proc, ctx.stop_event)
             during = "while serving"
@@ -474,10 +458,10 @@ def serve_and_watch(
         if outcome.kind == "stopped":
             # State first: Slurm's KillWait after scancel may be short, and the reason must land.
             if _stop_is_failure(ctx):  # e.g. a node left the Ray cluster
-                write_state(jobdir, FAILED, reason=_stop_reason(ctx), log_tail=log_tail(log_path))
+                write_state(jobdir, run, Phase.FAILED, reason=_stop_reason(ctx), log_tail=log_tail(log_path))
                 stop_group(proc, grace)
                 return 1
-            write_state(jobdir, ENDED, reason=_stop_reason(ctx))
+            write_state(jobdir, run, Phase.ENDED, reason=_stop_reason(ctx))
             stop_group(proc, grace)
             return 0
         if outcome.kind == "timeout":
@@ -490,7 +474,7 @@ def serve_and_watch(
         summary = error_summary(log_tail(log_path, SUMMARY_LINES))
         if summary:
             reason = f"{reason}: {summary}"
-        write_state(jobdir, FAILED, reason=reason, log_tail=tail, exit_code=outcome.returncode)
+        write_state(jobdir, run, Phase.FAILED, reason=reason, log_tail=tail, exit_code=outcome.returncode)
         print(f"slurm_vllm: {reason}", file=sys.stderr, flush=True)
         return 1
     finally:
@@ -510,12 +494,13 @@ def run_head_serving(ctx: NodeContext) -> int:
         executable=vllm_executable(ctx.env or None),
     )
     env = serve_env(os.environ, ctx.env, api_key=key, ray_address=ray_address(ctx))
-    return serve_and_watch(ctx, argv, env, ip=ctx.head_ip, port=port, api_key=key, log_path=ctx.jobdir.vllm_log)
+    return serve_and_watch(ctx, argv, env, ip=ctx.head_ip, port=port, api_key=key,
+                           log_path=ctx.jobdir.vllm_log(ctx.run.restart or 0))
 
 
-def mp_log_path(jobdir: JobDir, rank: int) -> Path:
+def mp_log_path(jobdir: JobDir, rank: int, restart: int = 0) -> Path:
     """vLLM's log for one node of the mp backend (rank 0's is the usual ``vllm.log``)."""
-    return jobdir.vllm_log if rank == 0 else jobdir.logs / f"vllm-{rank}.log"
+    return jobdir.vllm_log(restart, rank)
 
 
 def master_port(ctx: Any) -> int:
@@ -526,27 +511,17 @@ def master_port(ctx: Any) -> int:
     return int(port)
 
 
-def _restart_count() -> int:
-    value = os.environ.get("SLURM_RESTART_COUNT", "0")
-    return int(value) if value.isdigit() else 0
-
-
-def wait_head_published(ctx: Any, timeout: float, poll: float = 0.5) -> dict[str, Any] | None:
+def wait_head_published(ctx: Any, timeout: float, poll: float = 0.5) -> HeadRecord | None:
     """Read ``head.json`` of this job run, waiting for the head to write it.
 
     mp ranks other than 0 need the head's address and rendezvous port; each node plans its own
     ports, so only the head knows the one it listens on. None when stopped first; raises
     TimeoutError past ``timeout``.
     """
-    job_id = _job_id(ctx)
     deadline = time.monotonic() + timeout
     while True:
-        info = read_json(ctx.jobdir.head)
-        if (
-            info
-            and (job_id is None or str(info.get("job_id")) == str(job_id))
-            and int(info.get("restart", 0) or 0) == _restart_count()
-        ):
+        info = ctx.jobdir.read_head(ctx.run)
+        if info is not None:
             return info
         if time.monotonic() >= deadline:
             raise TimeoutError(f"the head never published {ctx.jobdir.head} within {timeout:.0f} s")
@@ -562,7 +537,7 @@ def run_mp_node(ctx: NodeContext) -> int:
         info = wait_head_published(ctx, timeout=float(ctx.spec.ray.join_timeout))
         if info is None:
             return 0
-        addr, mport, port = str(info["ip"]), int(info["gcs_port"]), int(info["api_port"])
+        addr, mport, port = info.ip, info.gcs_port, int(info.api_port or 0)
     key = _api_key(ctx) if ctx.rank == 0 else None
     argv = build_serve_argv(
         ctx.spec,
@@ -576,7 +551,7 @@ def run_mp_node(ctx: NodeContext) -> int:
         executable=vllm_executable(ctx.env or None),
     )
     env = serve_env(os.environ, ctx.env, api_key=key)
-    log_path = mp_log_path(ctx.jobdir, ctx.rank)
+    log_path = mp_log_path(ctx.jobdir, ctx.rank, ctx.run.restart or 0)
     if ctx.rank == 0:
         return serve_and_watch(ctx, argv, env, ip=addr, port=port, api_key=key, log_path=log_path)
     # A headless rank serves no API: it runs until vLLM ends or the node program stops it.

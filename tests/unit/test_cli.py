@@ -12,14 +12,14 @@ import pytest
 from conftest_cli import FakeSlurm, fail, ok
 
 from slurm_vllm import cli, slurm
-from slurm_vllm.jobdir import JobDir, write_json, write_state
+from slurm_vllm.jobdir import JobDir, Run, write_json, write_state
 
 US = slurm.SEP
 HEAVY = ("ray", "vllm", "submitit", "openai", "rich", "torch", "jinja2")
 
 
 def sq(jid: str, state: str, reason: str = "None", workdir: str = "/x", comment: str = "slurm_vllm") -> str:
-    return US.join([jid, state, reason, "vllm", "2", "n[1-2]", "1:00", "1:00:00", comment, workdir]) + "\n"
+    return US.join([jid, state, reason, "vllm", "2", "n[1-2]", "1:00", "1:00:00", comment, "0", workdir]) + "\n"
 
 
 @pytest.fixture(autouse=True)
@@ -148,7 +148,7 @@ def test_submit_wait_continues_as_wait(tmp_path: Path, capsys: pytest.CaptureFix
 
     def squeue(argv: list[str]) -> slurm.Completed:
         jobdir = next((tmp_path / "home" / "jobs").iterdir())
-        write_state(JobDir(jobdir), "READY", job_id="5")
+        write_state(JobDir(jobdir), Run("5"), "READY")
         write_json(jobdir / "endpoint.json", {"base_url": "http://10.1.1.1:8000/v1", "model": "m", "job_id": "5"})
         return ok(argv, sq("5", "RUNNING", workdir=str(jobdir)))
 
@@ -216,7 +216,7 @@ def test_status_of_many_hand_submitted_ids_is_one_slurm_call(tmp_path: Path, cap
 
 def test_list_is_one_call_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dirs = [make_job(tmp_path, str(200 + i), f"l{i}") for i in range(40)]
-    write_state(dirs[0], "READY", job_id="200")
+    write_state(dirs[0], Run("200"), "READY")
     write_json(dirs[0].endpoint, {"base_url": "http://h:1/v1", "model": "m", "job_id": "200"})
     lines = "".join(sq(str(200 + i), "RUNNING", workdir=str(d.path)) for i, d in enumerate(dirs))
     lines += sq("999", "RUNNING", comment="(null)")  # not ours
@@ -256,7 +256,7 @@ def test_endpoint_forms(tmp_path: Path, capsys: pytest.CaptureFixture[str], monk
 
     monkeypatch.setattr(jobmod, "PROBE", lambda url, key: (True, ""))
     d = make_job(tmp_path)
-    write_state(d, "READY", job_id="42")
+    write_state(d, Run("42"), "READY")
     write_json(d.endpoint, {"base_url": "http://10.0.0.5:8001/v1", "model": "m", "job_id": "42", "host": "n1", "port": 8001})
     fake = FakeSlurm(squeue=ok(["squeue"], sq("42", "RUNNING", workdir=str(d.path))))
     rc, out, _ = run_cli(["endpoint", str(d.path)], fake, capsys)

@@ -14,13 +14,13 @@ from slurm_vllm import job as jobmod
 from slurm_vllm import slurm
 from slurm_vllm.errors import JobFailedError, JobNotFoundError, WaitTimeoutError
 from slurm_vllm.job import Job, JobBlockedError, combine
-from slurm_vllm.jobdir import JobDir, write_json, write_state
+from slurm_vllm.jobdir import JobDir, Run, write_json, write_state
 
 US = slurm.SEP
 
 
-def sq(jid: str, state: str, reason: str = "None", workdir: str = "/x", nodes: str = "2") -> str:
-    return US.join([jid, state, reason, "vllm", nodes, "n[1-2]", "1:00", "1:00:00", "slurm_vllm", workdir]) + "\n"
+def sq(jid: str, state: str, reason: str = "None", workdir: str = "/x", nodes: str = "2", restarts: str = "0") -> str:
+    return US.join([jid, state, reason, "vllm", nodes, "n[1-2]", "1:00", "1:00:00", "slurm_vllm", restarts, workdir]) + "\n"
 
 
 def sa(jid: str, state: str, exit_code: str = "0:0", workdir: str = "/x") -> str:
@@ -92,7 +92,7 @@ def test_state_file_of_another_job_is_ignored(jd: JobDir) -> None:
 
 def test_ready_needs_endpoint_and_probe(jd: JobDir) -> None:
     state = {"job_id": "42", "phase": "READY"}
-    ep = {"base_url": "http://10.0.0.1:8000/v1", "model": "m"}
+    ep = {"base_url": "http://10.0.0.1:8000/v1", "model": "m", "job_id": "42"}
     st = combine("42", jd, sjob("RUNNING"), state, ep, "k", up)
     assert st.ready and st.url == ep["base_url"] and st.summary() == "READY http://10.0.0.1:8000/v1"
     down = combine("42", jd, sjob("RUNNING"), state, ep, "k", lambda u, k: (False, "/health unreachable: refused"))
@@ -182,7 +182,7 @@ def test_wait_ready_keeps_waiting_while_pending_then_returns_endpoint(jd: JobDir
     def sleep(_s: float) -> None:
         polls["n"] += 1
         if polls["n"] == 7:
-            write_state(jd, "READY", job_id="42")
+            write_state(jd, Run("42"), "READY")
             write_json(jd.endpoint, {"base_url": "http://127.0.0.1:9/v1", "model": "m", "job_id": "42"})
 
     job = Job("42", jd, poller=slurm.Poller(min_interval=0))
@@ -195,7 +195,7 @@ def test_wait_ready_keeps_waiting_while_pending_then_returns_endpoint(jd: JobDir
 
 
 def test_wait_ready_failed_job_raises_exit_4(jd: JobDir) -> None:
-    write_state(jd, "FAILED", job_id="42", reason="vLLM exited during loading (exit 1)")
+    write_state(jd, Run("42"), "FAILED", reason="vLLM exited during loading (exit 1)")
     fake = _sequence([sq("42", "RUNNING")])
     job = Job("42", jd, poller=slurm.Poller(min_interval=0))
     with slurm.use_runner(fake), pytest.raises(JobFailedError) as ei:

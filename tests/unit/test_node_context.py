@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from slurm_vllm.jobdir import JobDir
+from slurm_vllm.jobdir import JobDir, Run
 from slurm_vllm.node import serve
 from slurm_vllm.node.lifecycle import Stopper
 from slurm_vllm.node.main import NodeContext
@@ -19,7 +19,7 @@ def make_ctx(tmp_path, port=None) -> NodeContext:
                     head_ip="10.0.0.1", node_ip="10.0.0.2", interface="eth0")
     stopper = Stopper()
     ports = plan_ports("77", 1, api_port=port, is_free=lambda p: True)
-    return NodeContext(spec=spec, jobdir=JobDir(tmp_path), topology=topo, ports=ports,
+    return NodeContext(spec=spec, jobdir=JobDir(tmp_path), run=Run("77"), topology=topo, ports=ports,
                        env={"RAY_ADDRESS": "10.0.0.1:20100"}, stop_event=stopper.event, stopper=stopper,
                        ray_address="10.0.0.1:20100", temp_dir="/tmp/x")
 

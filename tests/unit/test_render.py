@@ -33,7 +33,7 @@ from conftest_spec import (
 from slurm_vllm import shell
 from slurm_vllm.errors import SpecError
 from slurm_vllm.jobdir import JobDir
-from slurm_vllm.render import UnquotedValueError, prepare_job, render_script, resolve_job_dir
+from slurm_vllm.render import UnquotedValueError, prepare_job, render_script
 from slurm_vllm.spec import ServeSpec, load_spec_json
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -261,7 +261,7 @@ def test_prepare_job_refuses_used_dir_and_overwrites_nothing(tmp_path):
     (target / "job.sbatch").write_text("mine")
     with pytest.raises(SpecError) as info:
         prepare_job(ServeSpec("org/M", job_dir=str(target)))
-    assert "already in use" in str(info.value) and "job.sbatch" in info.value.fix
+    assert "did not create" in str(info.value) and "job.sbatch" in str(info.value) and "--job-dir" in info.value.fix
     assert (target / "job.sbatch").read_text() == "mine"
     assert not (target / "spec.json").exists()
 
@@ -283,7 +283,7 @@ def test_default_job_dir_is_named_and_unique(tmp_path, monkeypatch):
     second = prepare_job(spec, now=now)
     assert first.path == tmp_path / "jobs" / "my_job_x-20260102-030405"
     assert second.path == tmp_path / "jobs" / "my_job_x-20260102-030405-2"
-    assert resolve_job_dir(spec, now).path.name == "my_job_x-20260102-030405-3"
+    assert prepare_job(spec, now=now).path.name == "my_job_x-20260102-030405-3"
 
 
 # --- user templates ---------------------------------------------------------------------------

@@ -23,7 +23,9 @@ from types import SimpleNamespace
 import pytest
 
 from slurm_vllm.errors import SpecErrors
-from slurm_vllm.jobdir import ENDED, FAILED, READY, JobDir
+from slurm_vllm.jobdir import JobDir, Phase, Run
+
+ENDED, FAILED, READY = Phase.ENDED.value, Phase.FAILED.value, Phase.READY.value
 from slurm_vllm.node import serve
 from slurm_vllm.spec import ServeSpec
 
@@ -227,7 +229,7 @@ def head(tmp_path: Path) -> SimpleNamespace:
         "FAKE_PIDS_FILE": str(tmp_path / "pids"),
     }
     ctx = SimpleNamespace(
-        spec=spec, jobdir=jobdir, rank=0, num_nodes=2, head_host="node-a", head_ip="127.0.0.1",
+        spec=spec, jobdir=jobdir, run=Run("4242", 0), rank=0, num_nodes=2, head_host="node-a", head_ip="127.0.0.1",
         ip="127.0.0.1", ports=SimpleNamespace(api=free_port(), mp_master_port=free_port()), env=env,
         stop_event=threading.Event(), ray_address="127.0.0.1:6380", stop_reason=None,
     )
@@ -251,14 +253,19 @@ def _run_in_thread(fn, ctx) -> tuple[threading.Thread, dict]:  # type: ignore[no
     return t, result
 
 
+def _state(jobdir: JobDir) -> dict | None:
+    """state.json as the protocol's JSON (None while there is none)."""
+    return json.loads(jobdir.state.read_text()) if jobdir.state.exists() else None
+
+
 def _wait_phase(jobdir: JobDir, phase: str, timeout: float = 20.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = jobdir.read_state() or {}
+        state = _state(jobdir) or {}
         if state.get("phase") == phase:
             return state
         time.sleep(0.1)
-    raise AssertionError(f"phase {phase} not reached; state: {jobdir.read_state()}")
+    raise AssertionError(f"phase {phase} not reached; state: {_state(jobdir)}")
 
 
 def _pids(tmp: Path) -> list[int]:
@@ -274,7 +281,7 @@ def test_ready_writes_endpoint_then_stop_ends_and_leaves_no_process(head: Simple
     endpoint = json.loads(jobdir.endpoint.read_text())
     port = ctx.ports.api
     assert endpoint == {"base_url": f"http://127.0.0.1:{port}/v1", "model": "tiny", "host": "node-a",
-                        "port": port, "job_id": "4242"}
+                        "port": port, "job_id": "4242", "restart": 0}
     assert stat.S_IMODE(jobdir.endpoint.stat().st_mode) == 0o600
 
     # vLLM got the key through its environment, never on the command line or in its log
@@ -282,7 +289,7 @@ def test_ready_writes_endpoint_then_stop_ends_and_leaves_no_process(head: Simple
     assert seen["has_key"] is True
     assert KEY not in " ".join(seen["argv"])
     assert "--distributed-executor-backend" in seen["argv"]
-    assert KEY not in jobdir.vllm_log.read_text()
+    assert KEY not in jobdir.vllm_log().read_text()
 
     # the endpoint really is behind the key
     with pytest.raises(urllib.error.HTTPError) as err:
@@ -295,7 +302,7 @@ def test_ready_writes_endpoint_then_stop_ends_and_leaves_no_process(head: Simple
     thread.join(timeout=60)
     assert not thread.is_alive()
     assert result["rc"] == 0
-    state = jobdir.read_state()
+    state = _state(jobdir)
     assert state["phase"] == ENDED and state["reason"] == "cancelled"
     assert not pid_alive(leader) and not pid_alive(child), "vLLM's process group outlived the stop"
 
@@ -305,7 +312,7 @@ def test_vllm_exiting_while_loading_fails_with_exit_code_and_log_tail(head: Simp
     ctx.env["FAKE_MODE"] = "fail"
     rc = serve.run_head_serving(ctx)
     assert rc == 1
-    state = jobdir.read_state()
+    state = _state(jobdir)
     assert state["phase"] == FAILED
     assert state["exit_code"] == 3
     assert "vllm exited with code 3 while loading the model" in state["reason"]
@@ -321,7 +328,7 @@ def test_vllm_dying_after_ready_fails_the_job(head: SimpleNamespace) -> None:
     ctx.env["FAKE_MODE"] = "crash-later"
     rc = serve.run_head_serving(ctx)
     assert rc == 1
-    state = jobdir.read_state()
+    state = _state(jobdir)
     assert state["phase"] == FAILED and state["exit_code"] == 7
     assert "while serving" in state["reason"]
     assert READY in state["phase_times"]  # it was ready first
@@ -335,7 +342,7 @@ def test_not_ready_before_the_deadline_fails_and_stops_vllm(head: SimpleNamespac
     ctx.env["FAKE_DELAY"] = "60"
     rc = serve.run_head_serving(ctx)
     assert rc == 1
-    state = jobdir.read_state()
+    state = _state(jobdir)
     assert state["phase"] == FAILED and "not ready after 1 s" in state["reason"]
     leader, child = _pids(head.tmp)
     assert not pid_alive(leader) and not pid_alive(child)
@@ -352,7 +359,7 @@ def test_stop_while_loading_ends_without_endpoint(head: SimpleNamespace) -> None
     ctx.stop_event.set()
     thread.join(timeout=60)
     assert result["rc"] == 0
-    state = jobdir.read_state()
+    state = _state(jobdir)
     assert state["phase"] == ENDED and state["reason"] == "time limit"
     assert not jobdir.endpoint.exists()
 
@@ -441,7 +448,7 @@ def test_headless_rank_reads_the_heads_rendezvous_port(head: SimpleNamespace) ->
     assert seen["has_key"] is False  # a headless rank serves no API and needs no key
     assert (jobdir.logs / "vllm-1.log").exists()
     assert result["rc"] == 0
-    assert jobdir.read_state() is None  # only the head writes state.json
+    assert _state(jobdir) is None  # only the head writes state.json
 
 
 def test_vllm_exiting_from_the_same_scancel_is_a_stop_not_a_failure(head: SimpleNamespace) -> None:
@@ -463,7 +470,7 @@ def test_vllm_exiting_from_the_same_scancel_is_a_stop_not_a_failure(head: Simple
     rc = serve.run_head_serving(ctx)
     helper.join(timeout=10)
     assert rc == 0
-    state = jobdir.read_state()
+    state = _state(jobdir)
     assert state["phase"] == ENDED and state["reason"] == "cancelled"
 
 
@@ -477,7 +484,7 @@ def test_a_failure_stop_fails_the_job(head: SimpleNamespace) -> None:
     ctx.stop_event.set()
     thread.join(timeout=60)
     assert result["rc"] == 1
-    state = jobdir.read_state()
+    state = _state(jobdir)
     assert state["phase"] == FAILED and "labnode2 left" in state["reason"]
 
 
