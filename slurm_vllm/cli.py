@@ -382,11 +382,13 @@ def _show_warnings() -> None:
     """The library's warnings (e.g. a corrupt file in a job directory) as one stderr line each."""
     import logging  # noqa: PLC0415
 
+    class ToStderr(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            _err(f"warning: {record.getMessage()}")  # the stderr of now, not of set-up time
+
     logger = logging.getLogger("slurm_vllm")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("warning: %(message)s"))
-        logger.addHandler(handler)
+    if not any(type(h).__name__ == "ToStderr" for h in logger.handlers):
+        logger.addHandler(ToStderr(logging.WARNING))
         logger.setLevel(logging.WARNING)
 
 

@@ -222,6 +222,11 @@ def combine(
         if from_state_final():
             return status
         if cat is slurm.Category.ENDING:
+            if sjob is not None and sjob.restarts and st is None:
+                # Requeued: Slurm counts the new run while it still cleans up the previous one.
+                status.phase, status.reason = Phase.PENDING, "requeued; the previous run is completing"
+                status.nodes_joined = None
+                return status
             status.phase = Phase.ENDED
             status.reason = "job is completing"
             return status

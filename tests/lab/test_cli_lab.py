@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest_cli_lab import (
@@ -64,8 +65,7 @@ def test_bad_partition_exit_3_with_slurms_message_and_nothing_queued(home: Path)
     assert "invalid partition specified: no-such-partition" in err  # Slurm's own words
     # nothing of ours is queued: no job runs from a directory under this test's jobs root
     assert not [j for j in squeue_me() if j[2].startswith(str(home))]
-    (jobdir,) = (home / "jobs").iterdir()
-    assert not (jobdir / "job_id").exists()
+    assert list((home / "jobs").iterdir()) == []  # a refused submission leaves nothing behind
 
 
 def test_node_program_failure_exit_4_with_reason_and_log(home: Path, tmp_path: Path) -> None:
@@ -189,10 +189,63 @@ def test_cli_submit_wait_endpoint_chat_cancel(home: Path) -> None:
     wrong = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", ep["base_url"] + "/models",
                             "-H", "Authorization: Bearer wrong"], capture_output=True, text=True, timeout=30, check=False)
     assert wrong.stdout == "401"
+
+    # Requeue the READY job (as a node failure or preemption would): `wait` follows it through
+    # PENDING (requeued) back to READY with the second run's endpoint; the first run's logs and
+    # records are kept beside each other.
+    jd = Path(ep_dir(home, jid))
+    first_endpoint = json.loads((jd / "endpoint.json").read_text())
+    assert first_endpoint["restart"] == 0
+    subprocess.run(["scontrol", "requeue", jid], check=True, capture_output=True, timeout=30)
+    st = _wait_status(home, jid, lambda s: s["phase"] == "PENDING", 120)
+    assert st["reason"].startswith("requeued"), st
+    early = cli(["endpoint", jid], home)
+    assert early.returncode != 0 and early.stdout == ""  # the first run's URL is not handed out
+    # Slurm holds a requeued job back for about two minutes (BeginTime); release it now.
+    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=True, capture_output=True, timeout=30)
+    again = cli(["wait", jid, "--timeout", "900", "--json"], home, timeout=960)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["restart"] == 1
+    second_endpoint = json.loads((jd / "endpoint.json").read_text())
+    assert second_endpoint["restart"] == 1
+    assert json.loads((jd / "logs" / "state.json").read_text())["restart"] == 0
+    assert "ray head" in (jd / "logs" / "node-0.log").read_text()  # the first run's log, kept
+    assert "ray head" in (jd / "logs" / "attempt-1" / "node-0.log").read_text()
+    ep = json.loads(cli(["endpoint", jid, "--json"], home).stdout)
+    assert isinstance(_chat(ep["base_url"], ep["api_key"], ep["model"]), str)
+
     c = cli(["cancel", jid], home, timeout=180)
     assert c.returncode == 0 and "ENDED" in c.stdout, c.stderr
     st = json.loads(cli(["status", jid, "--json"], home).stdout)
     assert st["phase"] == "ENDED"
+    dead = cli(["endpoint", jid, "--json"], home)
+    assert dead.returncode == 4 and dead.stdout == "" and ep["api_key"] not in dead.stderr
+
+    # The ended job is listed with --all only, and cleanup removes its directory.
+    assert jid not in cli(["list"], home).stdout
+    listed = {r["job_id"]: r for r in json.loads(cli(["list", "--all", "--json"], home).stdout)}
+    assert listed[jid]["phase"] == "ENDED", listed
+    clean = cli(["cleanup"], home)
+    assert clean.returncode == 0 and str(jd) in clean.stdout and not jd.exists()
+
+
+def ep_dir(home: Path, jid: str) -> str:
+    """The job directory of ``jid`` under this test's jobs root."""
+    for d in (home / "jobs").iterdir():
+        if (d / "job_id").exists() and (d / "job_id").read_text().strip() == jid:
+            return str(d)
+    raise AssertionError(f"no job directory of {jid} under {home}")
+
+
+def _wait_status(home: Path, jid: str, ok: Any, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    st: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        st = json.loads(cli(["status", jid, "--json"], home).stdout)
+        if ok(st):
+            return st
+        time.sleep(1)
+    raise AssertionError(f"job {jid}: condition not reached in {timeout:g} s; last status {st}")
 
 
 @pytest.mark.vllm
