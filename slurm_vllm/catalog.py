@@ -133,9 +133,9 @@ def list_jobs(include_ended: bool = False, poller: slurm.Poller | None = None) -
         extra = [Job(jid, jd, poller=poller) for jid, jd in local_index().items() if jid not in known]
         records = poller.get([j.job_id for j in extra if j.job_id]) if extra else {}
         for job in extra:
-            sj = records.get(str(job.job_id))
-            job._last = status_of(job, sj)
-            rows.append(Listed(job, sj, job._last))
+            record = records.get(str(job.job_id))
+            job._last = status_of(job, record)
+            rows.append(Listed(job, record, job._last))
     return sorted(rows, key=lambda r: int(r.job.job_id or 0))
 
 
