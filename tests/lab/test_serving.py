@@ -144,7 +144,7 @@ def test_ray_pp2_two_nodes_ready_answers_with_key_and_401_without(ray_job: dict[
     assert err.value.status_code == 401
 
     # The pipeline really spans both nodes: the second stage ran on a raylet with another IP.
-    log = jd.vllm_log.read_text(errors="replace")
+    log = jd.vllm_log().read_text(errors="replace")
     head_ip = endpoint["base_url"].split("//", 1)[1].rsplit(":", 1)[0]
     remote = [line for line in log.splitlines() if "Worker_PP1" in line and "ip=" in line]
     assert remote and all(f"ip={head_ip}" not in line for line in remote), "PP stage 1 was not on the other node"
