@@ -182,7 +182,7 @@ def combine(
         job_id=job_id,
         job_dir=str(jobdir.path),
         phase=Phase.UNKNOWN,
-        restart=(sjob.restarts if sjob else None) if sjob and sjob.restarts is not None else (st.restart if st else None),
+        restart=sjob.restarts if sjob is not None and sjob.restarts is not None else (st.restart if st else None),
         nodes_joined=st.nodes_joined if st else None,
         nodes_expected=st.nodes_expected if st else None,
         slurm_state=(sjob.state.raw if sjob else ""),

@@ -337,8 +337,7 @@ class NodeProgram:
         for host in missing:
             if host not in hosts:
                 continue
-            restart = self.run_id.restart or 0 if self.run_id else 0
-            lines = tail_lines(self.jobdir.node_log(hosts.index(host), restart), 1).strip()
+            lines = tail_lines(self.jobdir.node_log(hosts.index(host), self._current_run().restart or 0), 1).strip()
             parts.append(f"{host}: " + (repr(lines[:160]) if lines else "no log yet (its node program never started?)"))
         return ("; last log line of " + "; ".join(parts)) if parts else ""
 
