@@ -226,14 +226,16 @@ def test_wait_ready_blocked_reason_fails_fast_exit_3(jd: JobDir) -> None:
 
 
 def test_endpoint_before_ready_is_a_clear_error(jd: JobDir) -> None:
-    with pytest.raises(jobmod.EndpointNotReadyError):
-        _ = Job("42", jd).endpoint
+    fake = FakeSlurm(squeue=ok(["squeue"], sq("42", "RUNNING", workdir=str(jd.path))))
+    with slurm.use_runner(fake), pytest.raises(jobmod.EndpointNotReadyError):
+        _ = Job("42", jd, poller=slurm.Poller(min_interval=0)).endpoint
 
 
 def test_endpoint_of_another_job_is_not_used(jd: JobDir) -> None:
     write_json(jd.endpoint, {"base_url": "http://h:1/v1", "model": "m", "job_id": "41"})
-    with pytest.raises(jobmod.EndpointNotReadyError):
-        _ = Job("42", jd).endpoint
+    fake = FakeSlurm(squeue=ok(["squeue"], sq("42", "RUNNING", workdir=str(jd.path))))
+    with slurm.use_runner(fake), pytest.raises(jobmod.EndpointNotReadyError):
+        _ = Job("42", jd, poller=slurm.Poller(min_interval=0)).endpoint
 
 
 def test_cancel_waits_until_slurm_says_ended(jd: JobDir) -> None:
