@@ -441,7 +441,7 @@ class NodeProgram:
             return launch
 
         def stop_proc(p: OwnedProcess) -> None:
-            lifecycle.terminate([p], grace=5.0, log_fn=self.log)
+            lifecycle.terminate([p], grace=lifecycle.TEARDOWN_GRACE, log_fn=self.log)
             if p in self.owned:
                 self.owned.remove(p)
 

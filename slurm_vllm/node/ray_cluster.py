@@ -452,10 +452,12 @@ def join_cluster(
         launch.close()
         if joined:
             return JoinResult(launch.proc, attempts, clock() - t0)
+        if stopper.stopped:
+            # The node's own teardown stops this launcher with everything else, inside Slurm's
+            # KillWait; a separate wait here would spend that budget twice.
+            return None
         code = launch.proc.poll()
         terminate(launch.proc)
-        if stopper.stopped:
-            return None
         if code == HEAD_NEVER_REGISTERED:
             raise HeadUnreachable(f"head {head_host}'s GCS answered at {address} but its own Ray node never "
                                   f"registered within {timeout:.0f}s")
