@@ -8,6 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
+#: Longest value an error message shows; the rest is cut (a value may be a whole file).
+SHOWN_VALUE_CHARS = 120
+
+
+def cut(text: str, limit: int = SHOWN_VALUE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to a readable size, for a message that names a value."""
+    return cut(repr(value))
+
 
 class SlurmVllmError(Exception):
     """Root of every error this package raises on purpose."""
@@ -29,7 +42,7 @@ class SpecError(SlurmVllmError, ValueError):
         self.value = value
         self.fix = fix
         self.problem = problem or "is not valid"
-        super().__init__(f"{field}={value!r} {self.problem}: {fix}")
+        super().__init__(f"{cut(field)}={shown(value)} {self.problem}: {fix}")
 
 
 class SpecErrors(SlurmVllmError, ValueError):

@@ -12,14 +12,12 @@ import html
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slurm_vllm import slurm
+from slurm_vllm import direct_http, slurm
 from slurm_vllm.errors import (
     EndpointNotReadyError,
     JobBlockedError,
@@ -129,20 +127,12 @@ def probe_health(base_url: str, api_key: str | None = None, timeout: float = 3.0
     Proxies from the environment are bypassed: a login node's HTTP proxy cannot reach compute
     nodes, and the key must not travel through it.
     """
-    req = urllib.request.Request(_root_url(base_url) + "/health")
-    if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(req, timeout=timeout) as resp:
-            if resp.status == 200:
-                return True, ""
-            return False, f"/health answered {resp.status}"
-    except urllib.error.HTTPError as exc:
-        return False, f"/health answered {exc.code}"
-    except (urllib.error.URLError, OSError) as exc:
+        status, _ = direct_http.get(_root_url(base_url) + "/health", api_key, timeout)
+    except OSError as exc:
         reason = getattr(exc, "reason", exc)
         return False, f"/health unreachable: {reason}"
+    return (True, "") if status == 200 else (False, f"/health answered {status}")
 
 
 #: The probe in use; tests may replace it.
@@ -437,12 +427,15 @@ class Job:
         return Run(self.job_id, st.restart) if self.job_id else None
 
     def openai_client(self, **kwargs: Any) -> Any:
-        """An ``openai.OpenAI`` client for this job's server (``openai`` is imported only here)."""
+        """An ``openai.OpenAI`` client for this job's server that ignores proxy variables
+    (``openai`` is imported only here)."""
         import openai  # noqa: PLC0415 - heavy; only when asked for
 
         ep = self.endpoint
         kwargs.setdefault("base_url", ep.base_url)
         kwargs.setdefault("api_key", ep.api_key or "EMPTY")
+        # The key goes straight to the node, never through a proxy from the environment.
+        kwargs.setdefault("http_client", direct_http.openai_http_client(openai))
         return openai.OpenAI(**kwargs)
 
     # ----- logs

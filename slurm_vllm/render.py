@@ -110,6 +110,25 @@ def make_environment() -> jinja2.Environment:
     return env
 
 
+def container_binds(spec: ServeSpec, job_dir: str) -> list[str]:
+    """The container's ``--bind`` list: the job directory; a local model, read-only, unless one
+    of the user's binds already shows it at its own path; then the user's binds."""
+    binds = [job_dir]
+    if spec.is_local_model:
+        model = spec.model.name
+        if not any(_shows_at_own_path(bind, model) for bind in spec.environment.container_binds):
+            binds.append(f"{model}:{model}:ro")
+    return binds + list(spec.environment.container_binds)
+
+
+def _shows_at_own_path(bind: str, path: str) -> bool:
+    """Whether ``--bind SRC[:DST[:OPTS]]`` makes ``path`` visible at the same path inside."""
+    src, _, rest = bind.partition(":")
+    dst = rest.partition(":")[0] or src
+    src = src.rstrip("/") or "/"
+    return src == dst.rstrip("/") and (path == src or path.startswith(src.rstrip("/") + "/"))
+
+
 def _context(spec: ServeSpec, jobdir: JobDir) -> dict[str, Any]:
     from slurm_vllm import __version__
 
@@ -118,8 +137,8 @@ def _context(spec: ServeSpec, jobdir: JobDir) -> dict[str, Any]:
     pattern_dir = shell.slurm_filename(job_dir)
     wrapper: list[str] = []
     if e.container:
-        wrapper = [e.container_runtime, "exec", "--nv", "--bind", job_dir]
-        for bind in e.container_binds:
+        wrapper = [e.container_runtime, "exec", "--nv"]
+        for bind in container_binds(spec, job_dir):
             wrapper += ["--bind", bind]
         wrapper.append(e.container)
     node_argv = [e.python, "-m", "slurm_vllm", "node", "--job-dir", job_dir]

@@ -1,23 +1,49 @@
-"""The one place that turns values into shell words.
+"""The one place that turns values into shell words, and decides which values cannot be one.
 
 Every value that reaches a generated script passes through :func:`quote`. Values holding a
-newline or a NUL are refused outright: no quoting survives every editor, ``#SBATCH`` parser and
-copy-paste, and no legitimate path, name or argument needs one.
+newline, a NUL or another control character (a tab aside) are refused outright: no quoting
+survives every editor, ``#SBATCH`` parser and copy-paste; Slurm's own tools use ``\x1f`` as a
+field separator; and no legitimate path, name or argument needs one. The spec's rules call
+:func:`line_problem` too, so a bad value is refused by field name before anything is written.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
+
+#: Control characters no value may hold: C0 (tab aside) and DEL.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: Words sbatch scans every ``#SBATCH`` line for, to split heterogeneous jobs.
+JOB_SEPARATORS = ("hetjob", "packjob")
 
 
 class UnsafeValueError(ValueError):
     """A value cannot be written into a script safely."""
 
 
+def line_problem(value: str) -> str | None:
+    """What keeps ``value`` off one script line ("newline", "control character 0x1f"), or None."""
+    match = _CONTROL.search(value)
+    if match is None:
+        return None
+    char = match.group()
+    if char in "\n\r":
+        return "newline"
+    return "NUL" if char == "\x00" else f"control character 0x{ord(char):02x}"
+
+
+def job_separator(value: str) -> str | None:
+    """The ``hetjob``/``packjob`` word ``value`` holds (sbatch would split the job there), or None."""
+    lowered = value.lower()
+    return next((w for w in JOB_SEPARATORS if w in lowered), None)
+
+
 def check_line(value: str, what: str = "value") -> str:
     """Return ``value`` unchanged, or raise if it cannot live on one script line."""
-    if "\n" in value or "\r" in value or "\x00" in value:
-        raise UnsafeValueError(f"{what} {value!r} holds a newline or NUL; remove it")
+    problem = line_problem(value)
+    if problem is not None:
+        raise UnsafeValueError(f"{what} {value!r} holds a {problem}; remove it")
     return value
 
 
@@ -55,8 +81,7 @@ def sbatch_value(value: str, what: str = "value") -> str:
     heterogeneous jobs.
     """
     text = check_line(str(value), what)
-    lowered = text.lower()
-    if "hetjob" in lowered or "packjob" in lowered:
+    if job_separator(text) is not None:
         raise UnsafeValueError(
             f"{what} {text!r} holds 'hetjob'/'packjob', which sbatch reads as a job separator; rename it"
         )

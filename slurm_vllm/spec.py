@@ -20,13 +20,79 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from contextvars import ContextVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+                      model_validator)
 
-from slurm_vllm.errors import SpecError, SpecErrors
+from slurm_vllm import shell
+from slurm_vllm.errors import SpecError, SpecErrors, cut
+
+_TRUE_WORDS, _FALSE_WORDS = ("true", "1"), ("false", "0")
+
+
+def parse_bool(value: Any, field: str) -> bool:
+    """A boolean from a file, a flag, the environment or Python, parsed strictly.
+
+    true/false (any case) and 1/0 only: "no", "off" or "False " must never be read as the
+    opposite of what was meant, least of all for a switch that turns authentication off.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+    raise SpecError(field, value, "write true or false (or 1 or 0)", problem="is not a boolean")
+
+
+def _strict_bool(value: Any, info: ValidationInfo) -> bool:
+    return parse_bool(value, info.field_name or "value")
+
+
+#: A bool field that accepts true/false and 1/0 only (pydantic's own bool takes yes/no/on/off).
+StrictBool = Annotated[bool, BeforeValidator(_strict_bool)]
+
+
+def _env_value(value: Any, info: ValidationInfo) -> Any:
+    """``env`` as a mapping of strings: numbers become their text; list items NAME=value."""
+    out = {}
+    for name, v in _env_mapping(value).items():
+        if isinstance(v, bool) or v is None or not isinstance(v, (str, int, float)):
+            raise SpecError(f"env.{name}", v, f"quote the value in the file: {name}: \"...\" (a string)",
+                            problem="is not a string")
+        out[str(name)] = v if isinstance(v, str) else str(v)
+    return out
+
+
+def _env_mapping(value: Any) -> Mapping[str, Any]:
+    """``env`` as a mapping: given as one already, or as a list of NAME=value strings."""
+    if isinstance(value, (list, tuple)):
+        out: dict[str, Any] = {}
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or "=" not in item:
+                raise SpecError(f"env[{i}]", item, "write env as a mapping (NAME: value), or as a list "
+                                                   "of NAME=value strings", problem="is not NAME=value")
+            name, _, text = item.partition("=")
+            out[name] = text
+        return out
+    if not isinstance(value, Mapping):
+        raise SpecError("env", value, "write env as a mapping of NAME: value, or a list of NAME=value strings",
+                        problem="is not a mapping")
+    return value
+
+
+def _time_value(value: Any, info: ValidationInfo) -> Any:
+    """A time limit written as a bare number means minutes, as in Slurm (``time: 90``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
 
 
 class _Section(BaseModel):
@@ -50,12 +116,12 @@ class ResourcesSection(_Section):
     gpus_per_node: int = Field(default=1, description="GPUs per node (#SBATCH --gpus-per-node); 0 for CPU-only nodes.")
     cpus_per_task: int | None = Field(default=None, description="CPUs for the one task per node (--cpus-per-task).")
     mem: str | None = Field(default=None, description="Memory per node, Slurm syntax such as 64G (--mem).")
-    time: str | None = Field(default=None, description="Time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.")
+    time: Annotated[str | None, BeforeValidator(_time_value)] = Field(default=None, description="Time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.")
     partition: str | None = Field(default=None, description="Slurm partition (--partition).")
     account: str | None = Field(default=None, description="Slurm account (--account).")
     qos: str | None = Field(default=None, description="Slurm QOS (--qos).")
     constraint: str | None = Field(default=None, description="Node features (--constraint).")
-    exclusive: bool = Field(default=False, description="Whole nodes only (--exclusive).")
+    exclusive: StrictBool = Field(default=False, description="Whole nodes only (--exclusive).")
     job_name: str = Field(default="vllm", description="Slurm job name; also names the default job directory.")
     signal_grace: int = Field(
         default=120, description="Seconds before the time limit at which SIGUSR2 asks the job to shut down."
@@ -70,7 +136,7 @@ class ParallelSection(_Section):
 
     tensor_parallel_size: int | None = Field(default=None, description="Tensor parallel size; default GPUs per node.")
     pipeline_parallel_size: int | None = Field(default=None, description="Pipeline parallel size; default nodes.")
-    allow_partial: bool = Field(
+    allow_partial: StrictBool = Field(
         default=False, description="Allow TP x PP to use fewer GPUs than nodes x gpus_per_node."
     )
 
@@ -103,7 +169,7 @@ class EnvironmentSection(_Section):
     container_binds: list[str] = Field(
         default_factory=list, description="Extra --bind SRC[:DST[:OPTS]] for the container."
     )
-    env: dict[str, str] = Field(default_factory=dict, description="Environment variables to export.")
+    env: Annotated[dict[str, str], BeforeValidator(_env_value)] = Field(default_factory=dict, description="Environment variables to export.")
     python: str = Field(default="python3", description="Python that runs `-m slurm_vllm node` on each node.")
 
 
@@ -111,7 +177,7 @@ class ServeSection(_Section):
     """The HTTP endpoint vLLM serves."""
 
     port: int | None = Field(default=None, description="vLLM API port; default: chosen per job on the head node.")
-    api_key: bool = Field(default=True, description="Require an API key (generated per job); --no-api-key turns it off.")
+    api_key: StrictBool = Field(default=True, description="Require an API key (generated per job); --no-api-key turns it off.")
     ready_timeout: float = Field(
         default=3600.0, description="Seconds the head waits for vLLM to load and answer before giving up."
     )
@@ -247,7 +313,10 @@ def normalize(data: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = value
             continue
         if key == "no_api_key":
-            put("serve", "api_key", not bool(value), "no_api_key")
+            try:
+                put("serve", "api_key", not parse_bool(value, "no_api_key"), "no_api_key")
+            except SpecError as exc:
+                errors.append(exc)
             continue
         flat = ALIASES.get(key, key)
         if flat in FLAT_NAMES:
@@ -355,7 +424,10 @@ class ServeSpec(_Section):
         if name in type(self).model_fields:
             data[name] = value
         elif name == "no_api_key":
-            data["serve"]["api_key"] = not bool(value)
+            try:
+                data["serve"]["api_key"] = not parse_bool(value, "no_api_key")
+            except SpecError as exc:
+                raise SpecErrors([exc]) from None
         else:
             section, field = FLAT_NAMES[flat]
             data[section][field] = value
@@ -496,6 +568,31 @@ _TIME_RE = re.compile(
     r"^(?:\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}|\d+-\d{1,2}:\d{1,2}|\d+-\d{1,2}:\d{1,2}:\d{1,2})$"
 )
 _TIME_WORDS = ("infinite", "unlimited")
+#: Upper bound of every timeout (seconds): longer than any time limit a site grants.
+MAX_TIMEOUT = 30 * 86400.0
+#: A job must have this long between its start and its time-limit warning (seconds).
+MIN_RUN_AFTER_WARNING = 60
+
+
+def time_limit_seconds(text: str | None) -> int | None:
+    """A Slurm time limit in seconds; None when unset, unlimited or malformed."""
+    if text is None or not _TIME_RE.match(text):
+        return None
+    days, _, clock = text.rpartition("-") if "-" in text else ("", "", text)
+    parts = [int(x) for x in clock.split(":")]
+    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
+        parts += [0] * (3 - len(parts))
+        hours, minutes, seconds = parts
+        return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
+    if len(parts) == 1:  # MM
+        return parts[0] * 60
+    if len(parts) == 2:  # MM:SS
+        return parts[0] * 60 + parts[1]
+    return (parts[0] * 60 + parts[1]) * 60 + parts[2]  # HH:MM:SS
+
+
+def _clock(seconds: int) -> str:
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 _MEM_RE = re.compile(r"^\d+[KMGTkmgt]?$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _IFACE_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
@@ -593,16 +690,22 @@ def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
     add = errors.append
     r, p, e, s = spec.resources, spec.parallel, spec.environment, spec.serve
 
-    # Newlines and NULs: no value needs one, and none survives a script line.
+    # Newlines, NULs, other control characters: no value needs one, none survives a script line.
     for path, text in _walk_strings(spec.model_dump(mode="python"), ""):
-        if any(c in text for c in "\n\r\x00"):
-            add(SpecError(_flat_path(path), text, "remove the newline/NUL: every value must fit on one line",
-                          problem="holds a newline or NUL"))
+        problem = shell.line_problem(text)
+        if problem is not None:
+            add(SpecError(_flat_path(path), text, f"remove the {problem}: every value must fit on one line "
+                          "and hold no control characters", problem=f"holds a {problem}"))
     if errors:
         return errors
 
     if not spec.model.name.strip():
         add(SpecError("model", spec.model.name, "give a hub id like org/name or a local path", problem="is empty"))
+    # vllm serve reads a leading "-" as an option: "--api-key=x" as a model would replace the key.
+    for name, value in (("model", spec.model.name), ("served_name", spec.model.served_name)):
+        if value is not None and value.startswith("-"):
+            add(SpecError(name, value, "give a name that does not start with '-' (vllm serve would read it "
+                                       "as an option); write a local path as ./-name", problem="starts with '-'"))
 
     # Sizes.
     if r.nodes < 1:
@@ -657,19 +760,29 @@ def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
                       problem="is not a Slurm memory size"))
     if not 1 <= r.signal_grace <= 65535:
         add(SpecError("signal_grace", r.signal_grace, "use 1..65535 seconds (e.g. 120)", problem="is out of range"))
+    else:
+        limit = time_limit_seconds(r.time)
+        if limit is not None and limit < r.signal_grace + MIN_RUN_AFTER_WARNING:
+            add(SpecError("time", r.time,
+                          f"ask for at least {_clock(r.signal_grace + MIN_RUN_AFTER_WARNING)}: the job is told "
+                          f"to stop signal_grace={r.signal_grace}s before its time limit, and needs "
+                          f"{MIN_RUN_AFTER_WARNING}s before that to start; or lower signal_grace",
+                          problem="is shorter than the time-limit warning"))
     if not r.job_name.strip():
         add(SpecError("job_name", r.job_name, "give a non-empty job name", problem="is empty"))
     for name in ("job_name", "partition", "account", "qos", "constraint", "job_dir"):
         sbatch_text: str | None = spec.job_dir if name == "job_dir" else getattr(r, name)
-        if sbatch_text is not None and any(w in sbatch_text.lower() for w in ("hetjob", "packjob")):
+        if sbatch_text is not None and shell.job_separator(sbatch_text):
             add(SpecError(name, sbatch_text, "choose a value without 'hetjob'/'packjob' (sbatch reads them as "
                                        "a job separator)", problem="cannot be written on an #SBATCH line"))
     errors.extend(check_sbatch_args(r.sbatch_args))
 
-    # Ray deadlines.
-    for name, seconds in (("join_timeout", spec.ray.join_timeout), ("cluster_timeout", spec.ray.cluster_timeout)):
-        if not seconds > 0:
-            add(SpecError(name, seconds, "use a positive number of seconds", problem="is not positive"))
+    # Deadlines: positive and finite (inf or 1e10 would overflow the node's timers).
+    for name, seconds in (("join_timeout", spec.ray.join_timeout), ("cluster_timeout", spec.ray.cluster_timeout),
+                          ("ready_timeout", s.ready_timeout)):
+        if not 0 < seconds <= MAX_TIMEOUT:
+            add(SpecError(name, seconds, f"use a positive number of seconds, at most {MAX_TIMEOUT:.0f} "
+                                         f"({MAX_TIMEOUT / 86400:.0f} days)", problem="is out of range"))
 
     # Network.
     n = spec.network
@@ -683,10 +796,6 @@ def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
             ipaddress.ip_network(n.cidr, strict=False)
         except ValueError:
             add(SpecError("cidr", n.cidr, "give a network such as 10.1.0.0/16", problem="is not a network"))
-
-    if not s.ready_timeout > 0:
-        add(SpecError("ready_timeout", s.ready_timeout, "use a positive number of seconds (e.g. 3600)",
-                      problem="is not positive"))
 
     # Port.
     if s.port is not None and not 1024 <= s.port <= 65535:
@@ -726,6 +835,11 @@ def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
         if spec.job_dir.strip() == "":
             add(SpecError("job_dir", spec.job_dir, "give a path or leave it unset", problem="is empty"))
 
+    if e.container and spec.is_local_model and any(c in spec.model.name for c in ":,"):
+        add(SpecError("model", spec.model.name,
+                      "choose a model path without ':' or ',' (a local model is bound into the container "
+                      "with --bind, which splits on them)", problem="cannot be bound"))
+
     # Extra vLLM args that fight the tool.
     errors.extend(check_extra_args(spec))
 
@@ -754,7 +868,7 @@ def check_sbatch_args(args: list[str]) -> list[SpecError]:
                 field, arg,
                 f"use one of the allowed sbatch options{hint}; --ntasks, --export, --output and the like "
                 f"would break the job's layout", problem="is not an allowed sbatch option"))
-        elif any(w in arg.lower() for w in ("hetjob", "packjob")):
+        elif shell.job_separator(arg):
             errors.append(SpecError(field, arg, "remove 'hetjob'/'packjob' from the value",
                                     problem="cannot be written on an #SBATCH line"))
     return errors
@@ -766,6 +880,35 @@ def _vllm_flag(arg: str) -> tuple[str, str | None]:
     if name.startswith("--"):
         name = "--" + name[2:].replace("_", "-")
     return name, (value if eq else None)
+
+
+def owned_flag(arg: str) -> tuple[str, str | None] | None:
+    """The tool-owned vLLM flag ``arg`` would set, read as vLLM's argparse reads it, and the value
+    it carries; None when it sets none of them.
+
+    argparse accepts any unambiguous prefix of a long option (``--api-k`` is ``--api-key``) and
+    a short option glued to its value (``-n2``). A prefix of an owned flag is refused even when
+    vLLM would find it ambiguous: it is never needed, and the flag can be written in full.
+    """
+    if not arg.startswith("-") or arg in ("-", "--"):
+        return None
+    name, value = _vllm_flag(arg)
+    if name in OWNED_VLLM_FLAGS:
+        return name, value
+    if name.startswith("--"):
+        if len(name) > 2:
+            prefixed = [flag for flag in OWNED_VLLM_FLAGS if flag.startswith("--") and flag.startswith(name)]
+            if prefixed:
+                return min(prefixed, key=len), value
+        return None
+    # A single dash: "-t" abbreviates "-tp"; "-n2" is "-n 2".
+    prefixed = [flag for flag in OWNED_VLLM_FLAGS if not flag.startswith("--") and flag.startswith(name)]
+    if prefixed and len(name) > 1:
+        return min(prefixed, key=len), value
+    glued = name[:2]
+    if glued in OWNED_VLLM_FLAGS and len(name) > 2:
+        return glued, name[2:] if value is None else f"{name[2:]}={value}"
+    return None
 
 
 def check_extra_args(spec: ServeSpec) -> list[SpecError]:
@@ -784,22 +927,24 @@ def check_extra_args(spec: ServeSpec) -> list[SpecError]:
     }
     i = 0
     while i < len(args):
-        name, value = _vllm_flag(args[i])
+        found = owned_flag(args[i])
         field = f"extra_args[{i}]"
-        if name in OWNED_VLLM_FLAGS:
-            owner = OWNED_VLLM_FLAGS[name]
+        if found is not None:
+            name, value = found
+            given, shown_arg = args[i].partition("=")[0], args[i]
             if value is None and name != "--headless" and i + 1 < len(args):
-                value = args[i + 1]
+                shown_arg = f"{args[i]} {args[i + 1]}"
                 i += 1
-            shown_arg = name if value is None else f"{name} {value}"
+            spelled = "" if _vllm_flag(given)[0] == name else f" (vLLM reads {given} as {name})"
+            owner = OWNED_VLLM_FLAGS[name]
             if owner is None:
-                errors.append(SpecError(field, shown_arg, _OWNED_FIX[name], problem="is set by the tool"))
+                errors.append(SpecError(field, shown_arg, _OWNED_FIX[name] + spelled, problem="is set by the tool"))
             else:
                 now = decided[owner]
                 errors.append(SpecError(
                     field, shown_arg,
                     f"remove it and set {owner} instead (now {now if now is not None else 'unset'}); "
-                    f"the node program passes {name} itself", problem="is set by the tool"))
+                    f"the node program passes {name} itself{spelled}", problem="is set by the tool"))
         i += 1
     return errors
 
@@ -841,6 +986,54 @@ def validate_spec(spec: ServeSpec, check_paths: bool = True) -> ServeSpec:
 # ---------------------------------------------------------------------------------------------
 
 
+#: Most values a spec file may expand to: a spec has a few dozen; nested YAML aliases can make
+#: a few hundred bytes expand to billions.
+MAX_FILE_VALUES = 10_000
+
+
+def _expanded_size(data: Any, limit: int = MAX_FILE_VALUES) -> int:
+    """How many values ``data`` holds with every shared (aliased) part counted per use; stops
+    counting past ``limit`` (so a self-referencing or exploding structure costs no more)."""
+    count, todo = 0, [data]
+    while todo and count <= limit:
+        item = todo.pop()
+        count += 1
+        if isinstance(item, Mapping):
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item)
+    return count
+
+
+def _yaml_loader() -> type:
+    """PyYAML's safe loader, minus YAML 1.1's base-60 numbers: ``time: 1:30:00`` stays the text
+    1:30:00 instead of the integer 5400. Plain integers and decimals are still numbers."""
+    import yaml  # noqa: PLC0415 - only for YAML files
+
+    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+    class SpecLoader(yaml.SafeLoader):
+        pass
+
+    SpecLoader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (int_tag, float_tag)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    SpecLoader.add_implicit_resolver(int_tag, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+)$"),
+                                     list("-+0123456789"))
+    SpecLoader.add_implicit_resolver(
+        float_tag, re.compile(r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+                              r"|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+    return SpecLoader
+
+
+def _load_yaml(text: str) -> Any:
+    import yaml  # noqa: PLC0415
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+
+
 def read_spec_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) spec or profile into a mapping.
 
@@ -868,14 +1061,15 @@ def read_spec_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         elif suffix == ".json":
             data = json.loads(text)
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _load_yaml(text)
     except Exception as exc:  # each parser has its own error type
-        detail = " ".join(str(exc).split())
+        detail = cut(" ".join(str(exc).split()), 300)
         raise SpecError(str(path), str(path), f"fix the syntax: {detail}", problem="is malformed") from None
     if data is None:
         return {}
+    if _expanded_size(data) > MAX_FILE_VALUES:
+        raise SpecError(str(path), str(path), f"write at most {MAX_FILE_VALUES} values (YAML aliases count once "
+                                              "per use)", problem="expands to too many values")
     if not isinstance(data, dict):
         raise SpecError(str(path), str(path), "write the file as a mapping of field: value",
                         problem="is not a mapping")
@@ -906,8 +1100,11 @@ def _leaves(section_data: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
     for key, value in section_data.items():
         if key in SECTIONS and isinstance(value, Mapping):
             for field, v in value.items():
-                if field == "env" and isinstance(v, Mapping):
-                    for k, vv in v.items():
+                if field == "env":
+                    env = _env_mapping(v)
+                    if not env:
+                        yield f"{key}.env", {}
+                    for k, vv in env.items():
                         yield f"{key}.env.{k}", vv
                 else:
                     yield f"{key}.{field}", v
@@ -924,7 +1121,7 @@ def _merge_layers(layers: list[tuple[str, Mapping[str, Any]]]) -> dict[str, tupl
     for source, data in layers:
         for path, value in _leaves(normalize(data)):
             if path == "environment.env":
-                # An explicitly empty env mapping in a later layer clears earlier keys.
+                # An explicitly empty env in a later layer clears earlier keys.
                 for old in [k for k in merged if k.startswith("environment.env.")]:
                     del merged[old]
                 continue

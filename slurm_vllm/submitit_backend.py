@@ -52,7 +52,11 @@ def _sbatch_args_to_params(args: list[str]) -> dict[str, Any]:
 
 
 def executor_parameters(spec: Any, jobdir: JobDir) -> dict[str, Any]:
-    """The AutoExecutor parameters for ``spec``: resources, Slurm options and setup lines."""
+    """The ``submitit.SlurmExecutor`` parameters for ``spec``: resources, Slurm options, setup.
+
+    SlurmExecutor rather than AutoExecutor: only it lets ``None`` switch off submitit's own
+    defaults (AutoExecutor reads ``None`` as "not set" and keeps them).
+    """
     res = spec.resources
     env = spec.environment
     if env.container:
@@ -69,8 +73,6 @@ def executor_parameters(spec: Any, jobdir: JobDir) -> dict[str, Any]:
         "chdir": str(jobdir.path),
         "comment": JOB_COMMENT,
     }
-    if res.time:
-        additional["time"] = res.time
     if res.mem:
         additional["mem"] = res.mem
     if res.constraint:
@@ -81,23 +83,32 @@ def executor_parameters(spec: Any, jobdir: JobDir) -> dict[str, Any]:
 
     grace = getattr(getattr(spec, "resources", None), "signal_grace", None) or DEFAULT_SIGNAL_GRACE_S
     node_log = shell.slurm_filename(str(jobdir.logs)) + "/node-%t.log"  # %t: Slurm's task rank
+    if "%" in str(jobdir.path):
+        raise SpecError("job_dir", str(jobdir.path),
+                        "choose a job directory (or job name) without '%' for the submitit backend: submitit "
+                        "writes its own Slurm file patterns under it, and Slurm would expand the '%'",
+                        problem="holds '%'")
     params: dict[str, Any] = {
-        "name": res.job_name,
+        # Exactly the spec's resources: submitit's own defaults (--time=5, --wckey=submitit) are
+        # switched off by None; an unset time is the partition's default, as on the sbatch path.
+        "time": res.time,
+        "wckey": None,
+        "job_name": res.job_name,
         "nodes": res.nodes,
-        "tasks_per_node": 1,
+        "ntasks_per_node": 1,
         "gpus_per_node": res.gpus_per_node,
-        "slurm_signal_delay_s": int(grace),
-        "slurm_setup": setup,
-        "slurm_additional_parameters": additional,
-        "slurm_stderr_to_stdout": True,
-        "slurm_srun_args": ["--kill-on-bad-exit=1", f"--output={node_log}"],
+        "signal_delay_s": int(grace),
+        "setup": setup,
+        "additional_parameters": additional,
+        "stderr_to_stdout": True,
+        "srun_args": ["--kill-on-bad-exit=1", f"--output={node_log}"],
     }
     if res.cpus_per_task:
         params["cpus_per_task"] = res.cpus_per_task
     for key in ("partition", "account", "qos"):
         value = getattr(res, key)
         if value:
-            params[f"slurm_{key}"] = value
+            params[key] = value
     return params
 
 
@@ -119,7 +130,7 @@ def submit(spec: Any, jobdir: JobDir) -> str:
 
     folder = jobdir.path / "submitit"
     folder.mkdir(mode=0o700, exist_ok=True)
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_python=_python_for(spec))
+    executor = submitit.SlurmExecutor(folder=folder, python=_python_for(spec))
     executor.update_parameters(**executor_parameters(spec, jobdir))
     try:
         job = executor.submit(run_node, str(jobdir.path))

@@ -32,12 +32,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
+from slurm_vllm import direct_http
 from slurm_vllm import spec as spec_mod
 from slurm_vllm.errors import SpecErrors
 from slurm_vllm.jobdir import EndpointRecord, HeadRecord, JobDir, Phase, Run, tail_lines, write_state
@@ -300,23 +299,13 @@ SUMMARY_LINES = 400
 # --------------------------------------------------------------------------- readiness
 
 
-def _get(url: str, api_key: str | None, timeout: float) -> tuple[int, bytes]:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    req = urllib.request.Request(url, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (http only, our own URL)
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, b""
-
-
 def probe(base: str, api_key: str | None, timeout: float = 5.0) -> str | None:
     """Return the served model id when ``/health`` and ``/v1/models`` both answer, else None."""
     try:
-        status, _ = _get(f"{base}/health", None, timeout)
+        status, _ = direct_http.get(f"{base}/health", None, timeout)
         if status != 200:
             return None
-        status, body = _get(f"{base}/v1/models", api_key, timeout)
+        status, body = direct_http.get(f"{base}/v1/models", api_key, timeout)
         if status != 200:
             return None
         data = json.loads(body or b"{}").get("data") or []

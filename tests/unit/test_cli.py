@@ -363,9 +363,9 @@ def test_submitit_parameters_make_the_expected_script(tmp_path: Path) -> None:
                      sbatch_args=["--mail-type=END"])
     jd = JobDir(tmp_path / "job with space").create()
     params = submitit_backend.executor_parameters(spec, jd)
-    ex = submitit.AutoExecutor(folder=tmp_path / "sub", cluster="slurm")
+    ex = submitit.SlurmExecutor(folder=tmp_path / "sub")
     ex.update_parameters(**params)  # raises on any name submitit does not know
-    text = ex._executor._make_submission_file_text("python -u -m submitit.core._submit F", "uid")
+    text = ex._make_submission_file_text("python -u -m submitit.core._submit F", "uid")
     for line in ("--nodes=3", "--ntasks-per-node=1", "--gpus-per-node=2", "--partition=gpu", "--account=proj",
                  "--qos=high", "--time=01:00:00", "--mem=64G", "--comment=slurm_vllm", "--signal=USR2@120",
                  "--mail-type=END"):
@@ -373,6 +373,36 @@ def test_submitit_parameters_make_the_expected_script(tmp_path: Path) -> None:
     assert f"#SBATCH --chdir='{jd.path}'" in text
     assert "export 'A=x y'" in text and "module load cuda" in text
     assert "--kill-on-bad-exit=1" in text and "/logs/node-%t.log" in text
+
+
+def test_submitit_passes_exactly_the_specs_resources(tmp_path: Path) -> None:
+    """No --time=5 or --wckey=submitit of submitit's own: an unset time is the partition's default."""
+    submitit = pytest.importorskip("submitit")
+    import shutil
+
+    if shutil.which("srun") is None:
+        pytest.skip("submitit's Slurm executor needs srun on PATH")
+    from slurm_vllm import submitit_backend
+    from slurm_vllm.spec import ServeSpec
+
+    jd = JobDir(tmp_path / "j").create()
+    ex = submitit.SlurmExecutor(folder=tmp_path / "sub")
+    ex.update_parameters(**submitit_backend.executor_parameters(ServeSpec("org/m"), jd))
+    text = ex._make_submission_file_text("python -u -m submitit.core._submit F", "uid")
+    assert "#SBATCH --time" not in text and "#SBATCH --wckey" not in text, text
+    ex.update_parameters(**submitit_backend.executor_parameters(
+        ServeSpec("org/m", time="90", sbatch_args=["--wckey=mine"]), jd))
+    text = ex._make_submission_file_text("python -u -m submitit.core._submit F", "uid")
+    assert "#SBATCH --time=90" in text and "#SBATCH --wckey=mine" in text
+
+
+def test_submitit_refuses_a_job_dir_with_a_percent(tmp_path: Path) -> None:
+    from slurm_vllm import submitit_backend
+    from slurm_vllm.errors import SpecError
+    from slurm_vllm.spec import ServeSpec
+
+    with pytest.raises(SpecError, match="without '%'"):
+        submitit_backend.executor_parameters(ServeSpec("org/m"), JobDir(tmp_path / "100%j"))
 
 
 def test_submitit_refuses_containers_with_a_clear_fix(tmp_path: Path) -> None:

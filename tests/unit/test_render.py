@@ -31,7 +31,7 @@ from conftest_spec import (
     shellcheck,
 )
 from slurm_vllm import shell
-from slurm_vllm.errors import SpecError
+from slurm_vllm.errors import SpecError, SpecErrors
 from slurm_vllm.jobdir import JobDir
 from slurm_vllm.render import UnquotedValueError, prepare_job, render_script
 from slurm_vllm.spec import ServeSpec, load_spec_json
@@ -340,3 +340,37 @@ def test_real_sbatch_reads_hostile_values_byte_for_byte(hostile_run, tmp_path):
     assert found[-1] == "--nodes=invalid-sentinel"
     assert found[:-1] == sbatch_options(hostile_run["script"])
     assert f"--job-name={hostile_run['h']}" in found
+
+
+# --- containers: what the node program needs is bound in ---------------------------------
+
+
+@pytest.mark.parametrize("binds,expect_model_bind", [
+    ([], True),                                  # nothing given: the model is bound read-only
+    (["/models"], False),                        # a parent at its own path already shows it
+    (["/models/llama:/models/llama:ro"], False),
+    (["/models:/mnt"], True),                    # shown elsewhere: vLLM is given /models/llama
+    (["/mod"], True),                            # a name prefix is not a parent directory
+])
+def test_a_local_model_is_bound_into_the_container(binds, expect_model_bind):
+    from slurm_vllm.render import container_binds
+
+    spec = unchecked(model="/models/llama", container="/images/vllm.sif", container_binds=binds)
+    got = container_binds(spec, "/home/u/job")
+    assert got[0] == "/home/u/job" and got[len(got) - len(binds):] == binds
+    added = got[1:len(got) - len(binds)]
+    assert added == (["/models/llama:/models/llama:ro"] if expect_model_bind else [])
+
+
+def test_a_hub_model_adds_no_bind():
+    from slurm_vllm.render import container_binds
+
+    spec = unchecked(model="org/m", container="/images/vllm.sif")
+    assert container_binds(spec, "/j") == ["/j"]
+
+
+def test_a_model_path_that_cannot_be_bound_is_refused(tmp_path):
+    image = tmp_path / "i.sif"
+    image.write_text("x")
+    with pytest.raises(SpecErrors, match="model=.*cannot be bound"):
+        unchecked(model="/models/a:b", container=str(image))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_vllm.errors import SpecError, SpecErrors
+from slurm_vllm.errors import SpecError, SpecErrors, shown
 from slurm_vllm.spec import (
     ServeSpec,
     build_spec,
@@ -32,7 +32,7 @@ def one_error(field: str, *args, **kwargs) -> SpecError:
     err = errs[0]
     text = str(err)
     assert text.startswith(f"{field}=")
-    assert repr(err.value) in text
+    assert shown(err.value) in text
     assert err.fix and err.fix in text
     return err
 
@@ -303,7 +303,8 @@ def test_hub_id_not_checked():
 ])
 def test_newlines_refused_everywhere(where):
     errs = errors_of("org/M", **where)
-    assert any("newline or NUL" in str(e) and "remove the newline" in e.fix for e in errs)
+    assert any(("holds a newline" in str(e) and "remove the newline" in e.fix)
+               or ("holds a NUL" in str(e) and "remove the NUL" in e.fix) for e in errs)
     field = next(iter(where))
     assert any(e.field.startswith(field) for e in errs)
 
@@ -481,3 +482,150 @@ def test_job_dir_with_colon_refused_with_container():
     err = one_error("job_dir", "org/M", job_dir="/scratch/a:b", container="docker://org/img:1")
     assert "--bind" in err.fix
     assert ServeSpec("org/M", job_dir="/scratch/a:b").job_dir == "/scratch/a:b"
+
+
+# --- hardening: no value switches security off or escapes ----------------------------------
+
+
+@pytest.mark.parametrize("word", ["false", "False", "FALSE", "0", 0, False])
+def test_no_api_key_false_words_keep_the_key(word):
+    assert ServeSpec("org/M", no_api_key=word).serve.api_key is True
+
+
+@pytest.mark.parametrize("word", ["true", "True", "1", 1, True])
+def test_no_api_key_true_words_turn_it_off(word):
+    assert ServeSpec("org/M", no_api_key=word).serve.api_key is False
+
+
+@pytest.mark.parametrize("field", ["no_api_key", "exclusive", "allow_partial", "api_key"])
+@pytest.mark.parametrize("word", ["no", "off", "yes", "on", "n", "2", "", "maybe"])
+def test_unclear_booleans_are_refused_naming_the_field(field, word):
+    err = one_error(field, "org/M", **{field: word})
+    assert err.problem == "is not a boolean" and "true or false" in err.fix
+
+
+def test_no_api_key_from_a_file_is_strict_too(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text('model: org/M\nno_api_key: "false"\n')
+    spec, _ = build_spec(config=cfg, environ={})
+    assert spec.serve.api_key is True
+    cfg.write_text('model: org/M\nserve: {api_key: "off"}\n')
+    with pytest.raises(SpecErrors, match="api_key='off' is not a boolean"):
+        build_spec(config=cfg, environ={})
+
+
+def test_assigning_no_api_key_is_strict():
+    spec = ServeSpec("org/M")
+    spec.no_api_key = "false"
+    assert spec.serve.api_key is True
+    with pytest.raises(SpecErrors, match="not a boolean"):
+        spec.no_api_key = "no"
+
+
+@pytest.mark.parametrize("field,value", [("model", "--api-key=stolen"), ("model", "-x"),
+                                         ("served_name", "--api-key=x"), ("served_name", "-m")])
+def test_names_starting_with_a_dash_are_refused(field, value):
+    kwargs = {"served_name": value} if field == "served_name" else {}
+    err = one_error(field, value if field == "model" else "org/M", **kwargs)
+    assert err.problem == "starts with '-'"
+
+
+@pytest.mark.parametrize("arg,flag", [
+    (["--api-k=x"], "--api-key"), (["--api_k", "x"], "--api-key"), (["--tensor-parallel=4"], "--tensor-parallel-size"),
+    (["--pipeline-par", "2"], "--pipeline-parallel-size"), (["--hos", "0.0.0.0"], "--host"),
+    (["--served-model", "x"], "--served-model-name"), (["-n2"], "-n"), (["-r1"], "-r"), (["-t", "4"], "-tp"),
+    (["--distributed-exec=mp"], "--distributed-executor-backend"), (["--head"], "--headless"),
+])
+def test_abbreviated_owned_vllm_flags_are_refused(arg, flag):
+    err = one_error("extra_args[0]", "org/M", extra_args=arg)
+    assert err.problem == "is set by the tool" and flag in err.fix
+
+
+def test_vllm_flags_that_only_share_a_prefix_pass():
+    args = ["--model-impl", "vllm", "--max-model-len", "64", "--port-offset-x", "-O0", "--trust-remote-code"]
+    assert ServeSpec("org/M", extra_args=args).model.extra_args == args
+
+
+@pytest.mark.parametrize("value", ["a\x1fb", "a\x1bb", "a\x7fb", "a\x01b"])
+@pytest.mark.parametrize("field", ["job_name", "partition", "model", "job_dir"])
+def test_control_characters_are_refused_like_newlines(field, value):
+    kwargs = {field: value} if field != "model" else {}
+    err = one_error(field, value if field == "model" else "org/M", **kwargs)
+    assert err.problem.startswith("holds a control character 0x")
+
+
+def test_a_tab_is_not_a_control_character_to_refuse():
+    assert ServeSpec("org/M", setup=["\tmodule load x"]).environment.setup == ["\tmodule load x"]
+
+
+@pytest.mark.parametrize("time", ["1", "2", "2:59", "00:02:00"])
+def test_time_limits_shorter_than_the_warning_are_refused(time):
+    err = one_error("time", "org/M", time=time, signal_grace=120)
+    assert "00:03:00" in err.fix and "signal_grace" in err.fix
+
+
+@pytest.mark.parametrize("time,grace", [("3", 120), ("00:03:00", 120), ("1-0", 120), ("2", 30), ("infinite", 120)])
+def test_time_limits_leaving_room_after_the_warning_pass(time, grace):
+    assert ServeSpec("org/M", time=time, signal_grace=grace).resources.time == time
+
+
+@pytest.mark.parametrize("field", ["join_timeout", "cluster_timeout", "ready_timeout"])
+@pytest.mark.parametrize("value", [float("inf"), 1e10, float("nan"), -1, 0])
+def test_unbounded_timeouts_are_refused_with_the_bounds(field, value):
+    errs = [e for e in errors_of("org/M", **{field: value}) if e.field == field]
+    assert errs and "2592000" in errs[0].fix
+
+
+def test_yaml_sexagesimal_time_stays_the_text_written(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("model: org/M\ntime: 1:30:00\nnodes: 2\njoin_timeout: 30.5\n")
+    spec, _ = build_spec(config=cfg, environ={})
+    assert spec.resources.time == "1:30:00" and spec.resources.nodes == 2 and spec.ray.join_timeout == 30.5
+
+
+def test_a_bare_number_time_means_minutes():
+    assert ServeSpec("org/M", time=90).resources.time == "90"
+
+
+def test_env_numbers_become_text_and_lists_of_assignments_are_read(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("model: org/M\nenv: {X: 8, Y: 0.5}\n")
+    assert build_spec(config=cfg, environ={})[0].environment.env == {"X": "8", "Y": "0.5"}
+    cfg.write_text("model: org/M\nenv: [A=1, B=x=y]\n")
+    assert build_spec(config=cfg, environ={})[0].environment.env == {"A": "1", "B": "x=y"}
+
+
+@pytest.mark.parametrize("env,field,fix", [
+    ({"X": True}, "env.X", 'quote the value'), ({"X": None}, "env.X", "quote the value"),
+    ({"X": [1]}, "env.X", "quote the value"), ("A=1", "env", "mapping"), (["A"], "env[0]", "NAME=value"),
+])
+def test_env_values_that_are_not_text_say_how_to_write_them(env, field, fix):
+    err = one_error(field, "org/M", env=env)
+    assert fix in err.fix
+
+
+def test_env_given_as_a_list_in_a_file_is_not_dropped(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("model: org/M\nenv: [NOPE]\n")
+    with pytest.raises(SpecError, match="NAME=value"):
+        build_spec(config=cfg, environ={})
+
+
+def test_a_yaml_alias_bomb_is_refused_fast_with_a_short_message(tmp_path):
+    import time
+
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text("\n".join(lines) + "\nmodel: org/M\nextra_args: *i\n")
+    t0 = time.monotonic()
+    with pytest.raises(SpecError) as info:
+        build_spec(config=cfg, environ={})
+    assert time.monotonic() - t0 < 5
+    assert info.value.problem == "expands to too many values" and len(str(info.value)) < 1000
+
+
+def test_error_messages_cut_long_values():
+    err = one_error("job_name", "org/M", job_name="x\x01" + "y" * 5000)
+    assert len(str(err)) < 600 and "characters)" in str(err)

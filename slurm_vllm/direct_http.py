@@ -1,0 +1,43 @@
+"""HTTP to the job's own endpoint, never through a proxy.
+
+Login and compute nodes often set ``http_proxy``/``https_proxy`` for model downloads. A request
+to a compute node must not follow them: the proxy usually cannot reach the node (a healthy
+server would look dead), and the job's API key would travel to the proxy in clear text. Every
+request this package sends to a job's endpoint goes through :func:`get` or
+:func:`openai_http_client`, which ignore the environment's proxy settings.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from typing import Any
+
+#: An opener without the environment's proxies (urllib's default opener reads them).
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def get(url: str, api_key: str | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    """GET ``url`` directly; (status, body). An HTTP error status is returned, not raised.
+
+    Connection failures raise ``OSError`` (``urllib.error.URLError`` is one).
+    """
+    req = urllib.request.Request(url)
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with _OPENER.open(req, timeout=timeout) as resp:
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), b""
+
+
+def openai_http_client(openai: Any) -> Any:
+    """The ``http_client`` for an ``openai.OpenAI`` client: openai's own defaults (timeouts,
+    connection limits), but not trusting the environment's proxy variables as httpx does."""
+    factory = getattr(openai, "DefaultHttpxClient", None)
+    if factory is None:  # an old openai: a plain httpx client
+        import httpx  # noqa: PLC0415 - comes with openai
+
+        factory = httpx.Client
+    return factory(trust_env=False)
