@@ -702,9 +702,9 @@ def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
     if not spec.model.name.strip():
         add(SpecError("model", spec.model.name, "give a hub id like org/name or a local path", problem="is empty"))
     # vllm serve reads a leading "-" as an option: "--api-key=x" as a model would replace the key.
-    for name, value in (("model", spec.model.name), ("served_name", spec.model.served_name)):
-        if value is not None and value.startswith("-"):
-            add(SpecError(name, value, "give a name that does not start with '-' (vllm serve would read it "
+    for name, given in (("model", spec.model.name), ("served_name", spec.model.served_name)):
+        if given is not None and given.startswith("-"):
+            add(SpecError(name, given, "give a name that does not start with '-' (vllm serve would read it "
                                        "as an option); write a local path as ./-name", problem="starts with '-'"))
 
     # Sizes.
