@@ -180,9 +180,43 @@ def reap_orphans(keep: Iterable[int] = ()) -> None:
 
 # ---------------------------------------------------------------- owned processes
 
+PR_SET_PDEATHSIG = 1
+_LIBC: Any = None
+
+
+def _libc() -> Any:
+    """libc, loaded once in the parent: a child between fork and exec must not load libraries."""
+    global _LIBC
+    if _LIBC is None and sys.platform.startswith("linux"):
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            _LIBC = False
+    return _LIBC
+
+
+def _die_with_parent() -> Any:
+    """A ``preexec_fn`` that makes the child get SIGKILL when the node program dies.
+
+    On a site without cgroup process tracking nothing else would stop a child after a
+    ``kill -9`` of the node program. Linux ties this to the *thread* that starts the child, so
+    children are started from the node program's main thread. Elsewhere: None (no such thing).
+    """
+    libc, parent = _libc(), os.getpid()
+    if not libc:
+        return None
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above: follow it now
+            os._exit(1)
+
+    return preexec
+
 
 class OwnedProcess:
-    """A child started in its own session: its process group is this job's alone."""
+    """A child started in its own session (its process group is this job's alone) that dies
+    with the node program."""
 
     def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], *,
                  stdout: IO[Any] | int | None = None, cwd: str | None = None,
@@ -190,9 +224,11 @@ class OwnedProcess:
         self.name = name
         self.argv = list(argv)
         self.popen = subprocess.Popen(self.argv, env=dict(env), stdout=stdout, stderr=subprocess.STDOUT,
-                                      stdin=stdin, start_new_session=True, cwd=cwd, pass_fds=tuple(pass_fds))
+                                      stdin=stdin, start_new_session=True, cwd=cwd, pass_fds=tuple(pass_fds),
+                                      preexec_fn=_die_with_parent())
         self.pid = self.popen.pid
         self.started = time.monotonic()
+        self._group_gone = False
 
     def poll(self) -> int | None:
         return self.popen.poll()
@@ -201,23 +237,39 @@ class OwnedProcess:
     def running(self) -> bool:
         return self.popen.poll() is None
 
-    def members(self) -> set[int]:
-        """Everything this child started: its process group plus its descendants."""
-        out = group_members(self.pid) | descendants(self.pid)
-        if self.running:
-            out.add(self.pid)
-        return out
+    def group_is_ours(self) -> bool:
+        """Whether this child's process group id still names its group.
+
+        It does while the leader is unreaped (its pid is reserved) and, after that, while the
+        group keeps a member (Linux does not reuse an id that is a live group's). Once the group
+        was seen empty the id may belong to anyone, and it is never signalled again.
+        """
+        if self.poll() is None:
+            return True
+        if not self._group_gone and not group_members(self.pid):
+            self._group_gone = True
+        return not self._group_gone
+
+    def members(self, mine: set[int]) -> set[int]:
+        """Everything this child started: its descendants and its process group's members;
+        once the group id is no longer certainly ours, only the members among ``mine`` (the node
+        program's descendants: as a subreaper, it keeps its orphans)."""
+        out = descendants(self.pid) | ({self.pid} if self.running else set())
+        group = group_members(self.pid)
+        return out | (group if self.group_is_ours() else group & mine)
 
     def __repr__(self) -> str:
         return f"OwnedProcess({self.name!r}, pid={self.pid})"
 
 
-def _signal_all(pgids: Iterable[int], pids: Iterable[int], sig: int) -> None:
-    for pgid in pgids:
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+def _signal(procs: Sequence[OwnedProcess], pids: Iterable[int], sig: int) -> None:
+    """Signal each process group whose id is still certainly ours, then ``pids``."""
+    for p in procs:
+        if p.group_is_ours():
+            try:
+                os.killpg(p.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
     for pid in pids:
         try:
             os.kill(pid, sig)
@@ -225,43 +277,60 @@ def _signal_all(pgids: Iterable[int], pids: Iterable[int], sig: int) -> None:
             pass
 
 
-def terminate(procs: Sequence[OwnedProcess], grace: float = 10.0, log_fn: Any = None) -> None:
-    """Stop these children and all they started: SIGTERM, wait up to ``grace`` s, then SIGKILL.
+def _left(procs: Sequence[OwnedProcess], targets: set[int], sweep: bool) -> set[int]:
+    mine = descendants(os.getpid())
+    left = {pid for pid in targets if _alive(pid)}
+    for p in procs:
+        left |= {pid for pid in p.members(mine) if _alive(pid)}
+    if sweep:
+        left |= {pid for pid in mine if _alive(pid)}
+    return left
 
-    Also sweeps up orphans re-parented to us (subreaper) so nothing outlives the node program.
+
+def _stop(procs: Sequence[OwnedProcess], grace: float, sweep: bool, log_fn: Any = None) -> None:
+    """SIGTERM ``procs`` and all they started, wait up to ``grace`` s, then SIGKILL what is left.
+
+    ``sweep`` also takes every other descendant of the node program (the final teardown).
+    A process is signalled only while it is certainly this job's (see ``OwnedProcess.members``).
     """
     procs = [p for p in procs if p is not None]
-    me = os.getpid()
-    pgids = [p.pid for p in procs]
-    targets: set[int] = set()
-    for p in procs:
-        targets |= p.members()
-    targets |= descendants(me) - {p.pid for p in procs if not p.running}
-    _signal_all(pgids, targets, signal.SIGTERM)
+    targets = _left(procs, set(), sweep)
+    _signal(procs, targets, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         for p in procs:
             p.poll()
-        reap_orphans(keep=[p.pid for p in procs])
-        left = {pid for pid in targets if _alive(pid)}
-        left |= {pid for g in pgids for pid in group_members(g)}
-        if not left:
+        if not _left(procs, targets, sweep):
             break
+        if sweep:  # only the final teardown may reap: other children's status belongs to their Popen
+            reap_orphans(keep=[p.pid for p in procs])
         time.sleep(0.05)
     else:
         if log_fn:
             log_fn(f"processes still alive after {grace:.0f}s: SIGKILL")
     # SIGKILL whatever is left, including anything started while we waited.
     for _ in range(3):
-        left = {pid for pid in targets | descendants(me) if _alive(pid)}
-        left |= {pid for g in pgids for pid in group_members(g)}
+        left = _left(procs, targets, sweep)
         if not left:
             break
-        _signal_all(pgids, left, signal.SIGKILL)
+        _signal(procs, left, signal.SIGKILL)
         time.sleep(0.1)
     for p in procs:
         try:
             p.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
-    reap_orphans(keep=[])
+    if sweep:
+        reap_orphans(keep=[])
+
+
+def stop(proc: OwnedProcess, grace: float, log_fn: Any = None) -> int | None:
+    """Stop one child and everything it started (vLLM before Ray); returns its exit code."""
+    _stop([proc], grace, sweep=False, log_fn=log_fn)
+    return proc.popen.returncode
+
+
+def terminate(procs: Sequence[OwnedProcess], grace: float = 10.0, log_fn: Any = None) -> None:
+    """The node's teardown: stop these children, all they started and every orphan re-parented
+    to the node program (subreaper), so nothing outlives it."""
+    _stop(procs, grace, sweep=True, log_fn=log_fn)

@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -40,7 +39,7 @@ from slurm_vllm import direct_http
 from slurm_vllm import spec as spec_mod
 from slurm_vllm.errors import SpecErrors
 from slurm_vllm.jobdir import EndpointRecord, HeadRecord, JobDir, Phase, Run, tail_lines, write_state
-from slurm_vllm.node.lifecycle import TEARDOWN_GRACE, slurm_kill_wait
+from slurm_vllm.node.lifecycle import TEARDOWN_GRACE, OwnedProcess, slurm_kill_wait, stop
 from slurm_vllm.spec import ServeSpec
 
 #: How many lines of vLLM's log go into state.json when it fails.
@@ -167,20 +166,14 @@ def serve_env(
 # --------------------------------------------------------------------------- processes
 
 
-def launch(argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in a new session (its own process group), output appended to ``log_path``."""
+def launch(argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> OwnedProcess:
+    """Start ``argv`` as an owned process (own process group, dies with the node program),
+    output appended to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"--- slurm_vllm: starting {' '.join(argv)}\n".encode())
         log.flush()
-        return subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(env),
-            start_new_session=True,
-        )
+        return OwnedProcess("vllm", argv, env, stdout=log)
 
 
 def stop_grace(kill_wait: float | None) -> float:
@@ -193,47 +186,6 @@ def stop_grace(kill_wait: float | None) -> float:
     if kill_wait is None:
         return STOP_GRACE
     return max(MIN_STOP_GRACE, min(STOP_GRACE, kill_wait - TEARDOWN_BUDGET))
-
-
-def stop_group(proc: subprocess.Popen[bytes], grace: float = STOP_GRACE) -> int | None:
-    """SIGTERM the process group, wait up to ``grace`` seconds in all, then SIGKILL it.
-
-    The group is signalled even after its leader exited: vLLM's engine and worker processes
-    share it and must not outlive the job.
-    """
-    pgid = proc.pid  # start_new_session: the leader's pid is the group id
-    deadline = time.monotonic() + grace
-    _signal_group(pgid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    while _group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if _group_alive(pgid) or proc.poll() is None:
-        _signal_group(pgid, signal.SIGKILL)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-    return proc.returncode
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -326,7 +278,7 @@ class Outcome:
 
 
 def wait_ready(
-    proc: subprocess.Popen[bytes],
+    proc: OwnedProcess,
     base: str,
     api_key: str | None,
     stop_event: threading.Event,
@@ -350,7 +302,7 @@ def wait_ready(
         stop_event.wait(poll)
 
 
-def supervise(proc: subprocess.Popen[bytes], stop_event: threading.Event, poll: float = 1.0) -> Outcome:
+def supervise(proc: OwnedProcess, stop_event: threading.Event, poll: float = 1.0) -> Outcome:
     """Wait while vLLM serves: until it exits or the node program is told to stop."""
     while True:
         rc = proc.poll()
@@ -448,16 +400,16 @@ def serve_and_watch(
             # State first: Slurm's KillWait after scancel may be short, and the reason must land.
             if _stop_is_failure(ctx):  # e.g. a node left the Ray cluster
                 write_state(jobdir, run, Phase.FAILED, reason=_stop_reason(ctx), log_tail=log_tail(log_path))
-                stop_group(proc, grace)
+                stop(proc, grace)
                 return 1
             write_state(jobdir, run, Phase.ENDED, reason=_stop_reason(ctx))
-            stop_group(proc, grace)
+            stop(proc, grace)
             return 0
         if outcome.kind == "timeout":
-            stop_group(proc)
+            stop(proc, STOP_GRACE)
             reason = f"vllm was not ready after {_ready_timeout(ctx):.0f} s"
         else:
-            stop_group(proc, grace=5.0)  # the leader is gone; its children must not stay
+            stop(proc, 5.0)  # the leader is gone; its children must not stay
             reason = exit_reason(outcome.returncode, during)
         tail = log_tail(log_path)
         summary = error_summary(log_tail(log_path, SUMMARY_LINES))
@@ -468,7 +420,7 @@ def serve_and_watch(
         return 1
     finally:
         if proc.poll() is None:
-            stop_group(proc)
+            stop(proc, STOP_GRACE)
 
 
 def run_head_serving(ctx: NodeContext) -> int:
@@ -550,13 +502,13 @@ def run_mp_node(ctx: NodeContext) -> int:
     try:
         outcome = supervise(proc, ctx.stop_event)
         if outcome.kind == "stopped" or ctx.stop_event.wait(STOP_RACE_GRACE):
-            stop_group(proc, grace)
+            stop(proc, grace)
             return 0
-        stop_group(proc, grace=5.0)
+        stop(proc, 5.0)
         reason = exit_reason(outcome.returncode, f"on node rank {ctx.rank}")
         summary = error_summary(log_tail(log_path, SUMMARY_LINES))
         print(f"slurm_vllm: {reason}{': ' + summary if summary else ''}", file=sys.stderr, flush=True)
         return 0 if outcome.returncode == 0 else 1
     finally:
         if proc.poll() is None:
-            stop_group(proc)
+            stop(proc, STOP_GRACE)

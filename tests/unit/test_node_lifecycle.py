@@ -33,7 +33,7 @@ def test_terminate_kills_group_descendants_and_stubborn_ones(tmp_path):
     deadline = time.time() + 30
     while "ready" not in out.read_text() and time.time() < deadline:
         time.sleep(0.05)
-    members = p.members()
+    members = p.members(lifecycle.descendants(os.getpid()))
     assert len(members) >= 3, members
     assert os.getpgid(p.pid) == p.pid != os.getpgid(0)
     t0 = time.monotonic()
@@ -107,3 +107,49 @@ def test_slurm_kill_wait_is_read_from_scontrol_inside_a_job(monkeypatch):
 
     monkeypatch.setattr(lifecycle.subprocess, "run", fails)
     assert lifecycle.slurm_kill_wait() is None
+
+
+# A "node program" that starts an owned child, reports its pid and waits to be killed.
+NODE = r"""
+import os, sys, time
+from slurm_vllm.node.lifecycle import OwnedProcess
+child = OwnedProcess("sleep", ["sleep", "600"], os.environ)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_owned_children_die_with_a_node_program_killed_by_sigkill(tmp_path):
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(os.getcwd()), *sys.path]))
+    node = subprocess.Popen([sys.executable, "-c", NODE], stdout=subprocess.PIPE, text=True, env=env)
+    assert node.stdout is not None
+    child = int(node.stdout.readline())
+    assert _alive(child)
+    node.kill()
+    node.wait()
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), "the owned child outlived a SIGKILLed node program"
+
+
+def test_a_reaped_leaders_group_id_is_never_signalled(monkeypatch):
+    p = OwnedProcess("true", ["true"], os.environ)
+    p.popen.wait()  # reaped: its id may now belong to anyone
+    groups: list[int] = []
+    monkeypatch.setattr(os, "killpg", lambda pgid, sig: groups.append(pgid))
+    lifecycle.stop(p, grace=0.5)
+    terminate([p], grace=0.5)
+    assert p.pid not in groups
+
+
+def test_stop_ends_one_child_and_leaves_the_others():
+    keep = OwnedProcess("keep", ["sleep", "600"], os.environ)
+    gone = OwnedProcess("gone", ["sleep", "600"], os.environ)
+    try:
+        assert lifecycle.stop(gone, grace=2.0) == -signal.SIGTERM
+        assert keep.running
+    finally:
+        terminate([keep], grace=1.0)

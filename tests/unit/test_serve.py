@@ -26,7 +26,7 @@ from slurm_vllm.errors import SpecErrors
 from slurm_vllm.jobdir import JobDir, Phase, Run
 
 ENDED, FAILED, READY = Phase.ENDED.value, Phase.FAILED.value, Phase.READY.value
-from slurm_vllm.node import serve
+from slurm_vllm.node import lifecycle, serve
 from slurm_vllm.spec import ServeSpec
 
 KEY = "s3cret-key-for-tests"
@@ -403,7 +403,7 @@ def test_probe_needs_both_health_and_models(tmp_path: Path) -> None:
     assert serve.probe(base, KEY, timeout=0.5) is None  # nothing listening
 
 
-def test_stop_group_kills_children_that_ignore_sigterm(tmp_path: Path) -> None:
+def test_stopping_vllm_kills_children_that_ignore_sigterm(tmp_path: Path) -> None:
     script = tmp_path / "stubborn.py"
     script.write_text(
         "import signal, subprocess, sys, time\n"
@@ -418,7 +418,7 @@ def test_stop_group_kills_children_that_ignore_sigterm(tmp_path: Path) -> None:
         time.sleep(0.05)
     child = int((tmp_path / "child").read_text())
     t0 = time.monotonic()
-    rc = serve.stop_group(proc, grace=1.0)
+    rc = lifecycle.stop(proc, grace=1.0)
     assert rc == -signal.SIGKILL
     assert time.monotonic() - t0 < 10
     deadline = time.monotonic() + 5
