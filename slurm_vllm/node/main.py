@@ -23,7 +23,7 @@ from slurm_vllm.errors import NodeError, SlurmVllmError
 from slurm_vllm.jobdir import HeadRecord, JobDir, Phase, Run, parse_restart, tail_lines, write_state
 from slurm_vllm.node import lifecycle, ray_cluster, topology
 from slurm_vllm.node.lifecycle import OwnedProcess, Stopper
-from slurm_vllm.node.ports import PortPlan, plan_ports
+from slurm_vllm.node.ports import PortPlan, claim_slot, plan_ports
 from slurm_vllm.node.ray_launch import Launch, Launches, launcher_argv
 from slurm_vllm.node.topology import Topology
 from slurm_vllm.spec import ServeSpec, load_spec_json
@@ -218,10 +218,8 @@ class NodeProgram:
             # A requeued job: the previous run's records move next to its logs, never reread.
             for moved in self.jobdir.archive_previous_run(run):
                 self.log(f"kept the previous run's {moved.name} as {moved}")
-        ports = plan_ports(topo.job_id, topo.rank, api_port=spec.serve.port if topo.is_head else None,
-                           host=topo.hostname)
-        self.ports = ports
-        self.temp_dir = ray_cluster.short_temp_dir(topo.job_id, topo.rank)
+        self.ports = ports = self._plan_ports(topo)
+        self.temp_dir = ray_cluster.make_temp_dir(topo.job_id, topo.rank)
         self._sweep_stale_temp_dirs(topo)
         if spec.backend == "mp":
             return self._run_mp(spec, topo, ports)
@@ -231,6 +229,20 @@ class NodeProgram:
         if topo.is_head:
             return self._run_head(spec, topo, ports, token)
         return self._run_worker(spec, topo, ports, token)
+
+    def _plan_ports(self, topo: Topology) -> PortPlan:
+        """This node's ports, in a slot claimed on this node for the job's lifetime (ports)."""
+        return plan_ports(topo.job_id, topo.rank, api_port=self.spec.serve.port if topo.is_head else None,
+                          claim=claim_slot, host=topo.hostname)
+
+    def _fresh_ports(self, topo: Topology) -> PortPlan:
+        """The plan, tested again right before ``ray start`` binds it; replanned if something took
+        a port since (a worker plans at start and may wait minutes for the head)."""
+        taken = self.ports.taken()
+        if taken:
+            self.log(f"port(s) {', '.join(map(str, taken))} were taken since they were planned: planning again")
+            self.ports = self._plan_ports(topo)
+        return self.ports
 
     def _sweep_stale_temp_dirs(self, topo: Topology) -> None:
         """Clear temp dirs left by earlier jobs whose node program Slurm had to kill."""
@@ -290,6 +302,7 @@ class NodeProgram:
         os.environ.pop("RAY_AUTH_TOKEN", None)
         t0 = time.monotonic()
         deadline = t0 + spec.ray.cluster_timeout
+        ports = self._fresh_ports(topo)
         head = self._start("ray-head", [*launcher_argv(), *self._ray_args(topo, ports, None)], env)
         # Publish at once: workers start probing the GCS port while the head comes up.
         self._publish_head(topo, ports)
@@ -418,11 +431,11 @@ class NodeProgram:
         launches = Launches(self._spawn_launch, ray_cluster.ray_env(
             self.env, node_ip=topo.node_ip, interface=topo.interface, token_path=token))
         try:
-            return self._join_and_stay(spec, topo, ports, token, t0, deadline, launches)
+            return self._join_and_stay(spec, topo, token, t0, deadline, launches)
         finally:
             launches.close()
 
-    def _join_and_stay(self, spec: ServeSpec, topo: Topology, ports: PortPlan, token: Path, t0: float,
+    def _join_and_stay(self, spec: ServeSpec, topo: Topology, token: Path, t0: float,
                        deadline: float, launches: Launches) -> int:
         info = self._wait_head_json(topo, deadline)
         if info is None:
@@ -432,16 +445,16 @@ class NodeProgram:
                                  env=self.env)
         self.topo = topo
         env = ray_cluster.ray_env(self.env, node_ip=topo.node_ip, interface=topo.interface, token_path=token)
-        args = self._ray_args(topo, ports, f"{head_ip}:{gcs_port}")
 
         def start(seconds_left: float) -> Launch:
+            fresh = self._fresh_ports(topo)  # planned at start; the head may have kept us waiting
             launch = launches.next(env)
-            launch.order(args, await_head=f"{head_ip}:{gcs_port}", timeout=seconds_left,
-                         node=(topo.node_ip, ports.node_manager))
+            launch.order(self._ray_args(topo, fresh, f"{head_ip}:{gcs_port}"), await_head=f"{head_ip}:{gcs_port}",
+                         timeout=seconds_left, node=(topo.node_ip, fresh.node_manager))
             return launch
 
         def stop_proc(p: OwnedProcess) -> None:
-            lifecycle.terminate([p], grace=lifecycle.TEARDOWN_GRACE, log_fn=self.log)
+            lifecycle.stop(p, grace=lifecycle.TEARDOWN_GRACE, log_fn=self.log)
             if p in self.owned:
                 self.owned.remove(p)
 

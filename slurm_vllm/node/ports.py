@@ -6,11 +6,19 @@ joins the wrong cluster. Here each job gets a block of ports derived from its jo
 node's rank), every candidate is bind-tested, and a taken one is skipped. The block lies below
 Linux's ephemeral range (32768+) so outgoing connections do not steal it, and above Ray's
 default worker range.
+
+A bind test alone cannot keep two jobs apart: Ray's worker ports are bound minutes after the
+plan, when vLLM starts its workers, so a second job would find them free. So the node program
+also *claims* its slot for as long as it runs (an abstract Unix socket named after the slot:
+visible to every user of the node's network namespace, released by the kernel when the process
+dies, never left behind), and co-resident jobs' plans are disjoint by construction. Every
+named port is tested again right before the process that binds it starts (:meth:`PortPlan.taken`).
 """
 
 from __future__ import annotations
 
 import socket
+import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -90,6 +98,11 @@ class PortPlan:
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
+    def taken(self, names: tuple[str, ...] = NAMED, is_free: Callable[[int], bool] | None = None) -> list[int]:
+        """The ports among ``names`` that something on this node holds now."""
+        free = is_free or port_is_free
+        return [getattr(self, n) for n in names if not free(getattr(self, n))]
+
 
 def port_is_free(port: int) -> bool:
     """True when nothing on this node holds ``port`` (TCP bind test on all addresses)."""
@@ -99,6 +112,35 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+#: Slots this process holds (slot -> the socket whose name claims it).
+_CLAIMS: dict[int, socket.socket] = {}
+
+
+def claim_slot(slot: int) -> bool:
+    """Claim ``slot`` on this node for this process's lifetime; False when a live job holds it.
+
+    The claim is an abstract Unix socket (Linux): it needs no file, any user sees it, and it
+    vanishes with the process, so a killed job never blocks a slot. Elsewhere every slot is
+    claimable (the bind tests still apply).
+    """
+    if slot in _CLAIMS or not sys.platform.startswith("linux"):
+        return True
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(f"\0slurm_vllm/port-slot/{REGION_START}/{slot}")
+    except OSError:
+        sock.close()
+        return False
+    _CLAIMS[slot] = sock
+    return True
+
+
+def release_slot(slot: int) -> None:
+    sock = _CLAIMS.pop(slot, None)
+    if sock is not None:
+        sock.close()
 
 
 def job_slot(job_id: str, rank: int = 0) -> int:
@@ -134,11 +176,14 @@ def plan_ports(
     api_port: int | None = None,
     gcs_port: int | None = None,
     is_free: Callable[[int], bool] = port_is_free,
+    claim: Callable[[int], bool] | None = None,
     host: str = "?",
 ) -> PortPlan:
     """Choose this node's ports; fixed ports the user asked for are checked, not moved.
 
-    Raises NodeError when a requested port is taken or no slot has room.
+    ``claim`` (the node program passes :func:`claim_slot`) must accept a slot before it is used;
+    a slot it refuses is held by another job on this node. Raises NodeError when a requested
+    port is taken or no slot has room.
     """
     fixed: dict[str, int] = {}
     for name, port in (("api", api_port), ("gcs", gcs_port)):
@@ -150,7 +195,11 @@ def plan_ports(
     first = job_slot(job_id, rank)
     for i in range(SLOTS):
         slot = (first + i) % SLOTS
+        if claim is not None and not claim(slot):
+            continue
         plan = _fill_slot(REGION_START + slot * BLOCK, fixed, is_free)
         if plan is not None:
             return plan
+        if claim is not None:
+            release_slot(slot)
     raise NodeError(f"node {host}: no free block of {BLOCK} ports in {REGION_START}-{REGION_END - 1}")

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -136,15 +137,48 @@ def count_cpus(env: Mapping[str, str]) -> int | None:
     return int(value) if value and value.strip().isdigit() else None
 
 
-def short_temp_dir(job_id: str, rank: int) -> str:
-    """A per-job, per-node Ray temp dir with a short path (AF_UNIX socket paths max 107 bytes).
+#: Longest Ray temp dir: Ray puts AF_UNIX sockets about 60 characters below it (limit 107).
+TEMP_DIR_MAX = 44
 
-    ``/tmp`` rather than ``$TMPDIR``: sites set TMPDIR to long per-job paths.
+
+def make_temp_dir(job_id: str, rank: int, root: str | None = None) -> str:
+    """Create this node's Ray temp dir, fresh and private: ``/tmp/svl-u<uid>/svl-<job>-<rank>``.
+
+    A predictable name in a world-writable directory could be created first by another user
+    (Ray would then use it, and make it 0777). So the name lives under a parent only this user
+    can write (:func:`private_dir`), and it is created anew each run. ``/tmp`` rather than
+    ``$TMPDIR``: sites set TMPDIR to long per-job paths, and socket paths must stay short.
     """
-    root = "/tmp" if os.access("/tmp", os.W_OK) else tempfile.gettempdir()
-    path = f"{root}/svl-{job_id}-{rank}"
-    if len(path) > 40:
-        raise NodeError(f"Ray temp dir {path} is too long for socket paths; make /tmp writable")
+    if root is None:
+        root = "/tmp" if os.access("/tmp", os.W_OK) else tempfile.gettempdir()
+    path = f"{root}/svl-u{os.getuid()}/svl-{job_id}-{rank}"
+    if len(path) > TEMP_DIR_MAX:
+        raise NodeError(f"Ray temp dir {path} is too long for socket paths (at most {TEMP_DIR_MAX} "
+                        "characters); make /tmp writable")
+    private_dir(os.path.dirname(path))
+    shutil.rmtree(path, ignore_errors=True)  # an earlier run of this job on this node
+    os.mkdir(path, 0o700)
+    return path
+
+
+def private_dir(path: str) -> str:
+    """``path`` as a directory only this user can write: created 0700, or already this user's.
+
+    Refused (NodeError) when it is a symlink, not a directory, or owned by someone else; a
+    directory of ours that others could write is tightened to 0700.
+    """
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NodeError(f"{path} is not a directory (a symlink or file put there first?); remove it")
+    if st.st_uid != os.getuid():
+        raise NodeError(f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}): someone "
+                        "created it first; ask them or the site to remove it")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
     return path
 
 

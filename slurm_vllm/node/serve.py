@@ -37,9 +37,10 @@ from typing import Any, Mapping, Protocol, Sequence
 
 from slurm_vllm import direct_http
 from slurm_vllm import spec as spec_mod
-from slurm_vllm.errors import SpecErrors
+from slurm_vllm.errors import NodeError, SpecErrors
 from slurm_vllm.jobdir import EndpointRecord, HeadRecord, JobDir, Phase, Run, tail_lines, write_state
 from slurm_vllm.node.lifecycle import TEARDOWN_GRACE, OwnedProcess, slurm_kill_wait, stop
+from slurm_vllm.node.ports import port_is_free
 from slurm_vllm.spec import ServeSpec
 
 #: How many lines of vLLM's log go into state.json when it fails.
@@ -423,9 +424,18 @@ def serve_and_watch(
             stop(proc, STOP_GRACE)
 
 
+def free_api_port(ctx: Any) -> int:
+    """The API port, tested again right before vLLM binds it (minutes after it was planned)."""
+    port = api_port(ctx)
+    if not port_is_free(port):
+        raise NodeError(f"port {port} (the vLLM API port planned for this job) on {ctx.head_host} was taken by "
+                        "another process after it was planned; resubmit, or set serve.port to a free port")
+    return port
+
+
 def run_head_serving(ctx: NodeContext) -> int:
     """Ray backend, on the head after all nodes joined: run vLLM on the cluster until the end."""
-    port = api_port(ctx)
+    port = free_api_port(ctx)
     key = _api_key(ctx)
     argv = build_serve_argv(
         ctx.spec,

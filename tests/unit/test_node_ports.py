@@ -82,3 +82,53 @@ def test_ray_start_args_head_and_worker():
 
 def test_non_numeric_job_id_still_plans():
     assert plan_ports("nojob", is_free=lambda x: True).gcs >= ports.REGION_START
+
+
+# --- co-resident jobs: disjoint by construction, tested again right before binding -----------
+
+
+def test_jobs_whose_ids_differ_by_the_stride_get_disjoint_plans_when_slots_are_claimed():
+    """Without claims both plans are the same slot: nothing is bound when the second job plans
+    (Ray binds its worker ports minutes later)."""
+    a_id, b_id = "5000", str(5000 + ports.SLOTS)
+    assert plan_ports(a_id, is_free=lambda p: True) == plan_ports(b_id, is_free=lambda p: True)
+    held: set[int] = set()
+
+    def claim(slot: int) -> bool:
+        if slot in held:
+            return False
+        held.add(slot)
+        return True
+
+    a = plan_ports(a_id, is_free=lambda p: True, claim=claim)
+    b = plan_ports(b_id, is_free=lambda p: True, claim=claim)
+    assert set(all_ports(a)).isdisjoint(all_ports(b))
+
+
+def test_a_real_claim_keeps_a_second_process_out_of_the_slot(tmp_path):
+    import subprocess
+    import sys
+
+    slot = ports.job_slot("777")
+    assert ports.claim_slot(slot)
+    try:
+        assert ports.claim_slot(slot)  # this process holds it already
+        code = (f"import sys; from slurm_vllm.node import ports; "
+                f"sys.exit(0 if ports.claim_slot({slot}) else 3)")
+        other = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": ":".join(sys.path)})
+        assert other.returncode == 3, "another process could claim a held slot"
+    finally:
+        ports.release_slot(slot)
+    # Released (or its holder died): claimable again.
+    other = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": ":".join(sys.path)})
+    assert other.returncode == 0
+
+
+def test_taken_names_the_ports_something_holds_now():
+    plan = plan_ports("31", is_free=lambda p: True)
+    assert plan.taken(is_free=lambda p: True) == []
+    assert plan.taken(is_free=lambda p: p != plan.node_manager) == [plan.node_manager]
+    with socket.socket() as s:
+        s.bind(("", plan.gcs))
+        s.listen()
+        assert plan.gcs in plan.taken()
