@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+#: The reason of the time-limit warning (SIGUSR2, ``#SBATCH --signal``).
+TIME_LIMIT = "time limit"
 #: Reasons written to state.json for each signal.
 SIGNAL_REASONS = {
     signal.SIGTERM: "cancelled",
-    signal.SIGUSR2: "time limit",
+    signal.SIGUSR2: TIME_LIMIT,
     signal.SIGINT: "interrupted",
     signal.SIGHUP: "hangup",
 }
@@ -51,6 +53,10 @@ class Stopper:
     reason: str | None = None
     signum: int | None = None
     failed: bool = False
+    #: Whether the time-limit warning stops this node. A worker holds part of the model: it
+    #: stays until the head has drained vLLM and ended the job (or Slurm's own end comes).
+    stop_on_warning: bool = True
+    warned: bool = False
 
     def stop(self, reason: str, signum: int | None = None) -> None:
         """Ask for an orderly end (a signal, or the work is done): the job ENDS."""
@@ -95,6 +101,10 @@ def install_signal_handlers(stopper: Stopper) -> None:
     """Turn SIGTERM/SIGUSR2/SIGINT/SIGHUP into a stop request; the main loop does the teardown."""
 
     def handler(signum: int, _frame: Any) -> None:
+        if signum == signal.SIGUSR2:
+            stopper.warned = True
+            if not stopper.stop_on_warning:
+                return
         stopper.stop(SIGNAL_REASONS.get(signal.Signals(signum), f"signal {signum}"), signum)
 
     for sig in SIGNAL_REASONS:
@@ -181,6 +191,7 @@ def reap_orphans(keep: Iterable[int] = ()) -> None:
 # ---------------------------------------------------------------- owned processes
 
 PR_SET_PDEATHSIG = 1
+SIG_IGN = 1  # the C constant
 _LIBC: Any = None
 
 
@@ -190,13 +201,17 @@ def _libc() -> Any:
     if _LIBC is None and sys.platform.startswith("linux"):
         try:
             _LIBC = ctypes.CDLL(None, use_errno=True)
-        except OSError:
+            _LIBC.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+            _LIBC.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+            _LIBC.signal.restype = ctypes.c_void_p
+        except (OSError, AttributeError):
             _LIBC = False
     return _LIBC
 
 
 def _die_with_parent() -> Any:
-    """A ``preexec_fn`` that makes the child get SIGKILL when the node program dies.
+    """A ``preexec_fn`` that makes the child get SIGKILL when the node program dies, and
+    ignore the time-limit warning (the node program decides what it means).
 
     On a site without cgroup process tracking nothing else would stop a child after a
     ``kill -9`` of the node program. Linux ties this to the *thread* that starts the child, so
@@ -208,6 +223,9 @@ def _die_with_parent() -> Any:
 
     def preexec() -> None:
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        # Slurm may send the time-limit warning to every process of the step; only the node
+        # program acts on it (an ignored signal stays ignored across exec).
+        libc.signal(int(signal.SIGUSR2), SIG_IGN)
         if os.getppid() != parent:  # the parent died before the line above: follow it now
             os._exit(1)
 

@@ -212,6 +212,8 @@ class NodeProgram:
             # Name the node as Slurm does, so missing hosts can be reported by name.
             topo = dataclasses.replace(topo, hostname=topo.hosts[topo.rank])
         self.topo = topo
+        # Only the head acts on the time-limit warning (it drains vLLM, which needs the workers).
+        self.stopper.stop_on_warning = topo.is_head
         self.run_id = run = Run(topo.job_id, parse_restart(self.env.get("SLURM_RESTART_COUNT")))
         self.log(f"node program: {topo.describe()}" + (f", attempt {run.restart}" if run.restart else ""))
         if topo.is_head:
@@ -472,7 +474,11 @@ class NodeProgram:
         """Keep the raylet until cancelled; fail with a named reason when the head goes away."""
         lost_since: float | None = None
         last_probe = 0.0
+        said_warned = False
         while not self.stopper.wait(0.5):
+            if self.stopper.warned and not said_warned:
+                self.log("time-limit warning: staying in the cluster until the head has drained vLLM")
+                said_warned = True
             if not proc.running:
                 gone = not ray_cluster.tcp_open(head_ip, gcs_port)
                 raise ray_cluster.HeadUnreachable(

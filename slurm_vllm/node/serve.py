@@ -39,7 +39,7 @@ from slurm_vllm import direct_http
 from slurm_vllm import spec as spec_mod
 from slurm_vllm.errors import NodeError, SpecErrors
 from slurm_vllm.jobdir import EndpointRecord, HeadRecord, JobDir, Phase, Run, tail_lines, write_state
-from slurm_vllm.node.lifecycle import TEARDOWN_GRACE, OwnedProcess, slurm_kill_wait, stop
+from slurm_vllm.node.lifecycle import TEARDOWN_GRACE, TIME_LIMIT, OwnedProcess, slurm_kill_wait, stop
 from slurm_vllm.node.ports import port_is_free
 from slurm_vllm.spec import ServeSpec
 
@@ -112,11 +112,13 @@ def build_serve_argv(
     master_addr: str | None = None,
     master_port: int | None = None,
     executable: Sequence[str] = ("vllm",),
+    shutdown_timeout: int | None = None,
 ) -> list[str]:
     """The ``vllm serve`` argv for one node; no secret appears in it.
 
     ``backend`` ``ray``: one command on the head. ``mp``: one command per node, ranks other
-    than 0 headless (they serve no API; rank 0 does).
+    than 0 headless (they serve no API; rank 0 does). ``shutdown_timeout``: how long vLLM lets
+    in-flight requests finish after SIGTERM (``--shutdown-timeout``), unless the user set it.
     """
     backend = backend or spec.backend
     check_extra_args(spec)
@@ -142,8 +144,39 @@ def build_serve_argv(
         argv += ["--host", host, "--port", str(port)]
         if spec.model.served_name:
             argv += ["--served-model-name", spec.model.served_name]
-    argv += list(spec.model.extra_args)
+    user_args = list(spec.model.extra_args)
+    if shutdown_timeout and not any(a.split("=", 1)[0].replace("_", "-") == "--shutdown-timeout" for a in user_args):
+        argv += ["--shutdown-timeout", str(shutdown_timeout)]
+    argv += user_args
     return argv
+
+
+#: Seconds kept back from the time-limit warning's lead time for Ray's teardown and the state.
+DRAIN_MARGIN = 10.0
+
+
+def drain_budget(signal_grace: float) -> float:
+    """How long in-flight requests may run on after the time-limit warning (SIGUSR2 arrives
+    ``signal_grace`` seconds before the end): the lead time, less the teardown and a margin."""
+    return max(MIN_STOP_GRACE, signal_grace - DRAIN_MARGIN - TEARDOWN_BUDGET)
+
+
+def vllm_drains_on_sigterm() -> bool:
+    """Whether the installed vLLM has ``--shutdown-timeout`` (drain on SIGTERM), read from its
+    source without importing it (an import costs seconds and the GPU libraries)."""
+    import importlib.util  # noqa: PLC0415
+
+    try:
+        found = importlib.util.find_spec("vllm")
+    except (ImportError, ValueError):
+        return False
+    if found is None or not found.submodule_search_locations:
+        return False
+    args = Path(list(found.submodule_search_locations)[0]) / "engine" / "arg_utils.py"
+    try:
+        return '"--shutdown-timeout"' in args.read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def serve_env(
@@ -380,6 +413,7 @@ def serve_and_watch(
     write_state(jobdir, run, Phase.LOADING_MODEL, reason="", log_tail="")
     started = time.monotonic()
     grace = stop_grace(slurm_kill_wait())
+    drain = drain_budget(ctx.spec.resources.signal_grace) if "--shutdown-timeout" in argv else None
     proc = launch(argv, env, log_path)
     base = f"http://{ip}:{port}"
     try:
@@ -403,6 +437,17 @@ def serve_and_watch(
                 write_state(jobdir, run, Phase.FAILED, reason=_stop_reason(ctx), log_tail=log_tail(log_path))
                 stop(proc, grace)
                 return 1
+            if drain is not None and during == "while serving" and _stop_reason(ctx) == TIME_LIMIT:
+                # The warning comes signal_grace seconds early: use them. vLLM stops taking
+                # requests and finishes the ones in flight (--shutdown-timeout); the workers stay
+                # until the state below is final. Then ENDED.
+                print(f"slurm_vllm: time-limit warning: draining in-flight requests (up to {drain:.0f} s)",
+                      flush=True)
+                t0 = time.monotonic()
+                stop(proc, drain + DRAIN_MARGIN / 2)
+                print(f"slurm_vllm: vLLM drained and stopped in {time.monotonic() - t0:.1f} s", flush=True)
+                write_state(jobdir, run, Phase.ENDED, reason=_stop_reason(ctx))
+                return 0
             write_state(jobdir, run, Phase.ENDED, reason=_stop_reason(ctx))
             stop(proc, grace)
             return 0
@@ -424,6 +469,13 @@ def serve_and_watch(
             stop(proc, STOP_GRACE)
 
 
+def _shutdown_timeout(ctx: Any) -> int | None:
+    """vLLM's drain on SIGTERM: the time-limit warning's lead time, where vLLM has the option."""
+    if not vllm_drains_on_sigterm():
+        return None
+    return int(drain_budget(ctx.spec.resources.signal_grace))
+
+
 def free_api_port(ctx: Any) -> int:
     """The API port, tested again right before vLLM binds it (minutes after it was planned)."""
     port = api_port(ctx)
@@ -443,6 +495,7 @@ def run_head_serving(ctx: NodeContext) -> int:
         port=port,
         backend="ray",
         executable=vllm_executable(ctx.env or None),
+        shutdown_timeout=_shutdown_timeout(ctx),
     )
     env = serve_env(os.environ, ctx.env, api_key=key, ray_address=ray_address(ctx))
     return serve_and_watch(ctx, argv, env, ip=ctx.head_ip, port=port, api_key=key,
@@ -500,6 +553,7 @@ def run_mp_node(ctx: NodeContext) -> int:
         master_addr=addr,
         master_port=mport,
         executable=vllm_executable(ctx.env or None),
+        shutdown_timeout=_shutdown_timeout(ctx),
     )
     env = serve_env(os.environ, ctx.env, api_key=key)
     log_path = mp_log_path(ctx.jobdir, ctx.rank, ctx.run.restart or 0)

@@ -39,6 +39,8 @@ REPO = Path(__file__).resolve().parents[2]
 PROFILE = REPO / "scripts" / "lab" / "profile.yaml"
 READY_TIMEOUT = 420  # a cold start on the lab's 2 cores: Ray ~15 s, vLLM 60-100 s, compile cache misses
 PROMPT = [{"role": "user", "content": "Say hello to the world."}]
+#: Proxy variables pointing at a port nothing listens on (the discard port).
+DEAD_PROXY = {name: "http://127.0.0.1:9" for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
 #: Temperature-0 answers by configuration, for the cross-check between backends.
 ANSWERS: dict[str, str] = {}
 
@@ -112,9 +114,13 @@ def lab() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def ray_job(lab: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A 2-node job, PP=2 over Ray, READY; shared by the answer test and the scancel test."""
+    """A 2-node job, PP=2 over Ray, READY; shared by the answer test and the scancel test.
+
+    Its nodes have an HTTP proxy that goes nowhere, as compute nodes set one for downloads: the
+    readiness probe (which sends the key) must not follow it, or READY never comes.
+    """
     job_dir = tmp_path_factory.mktemp("serving") / "ray-pp2"
-    jd, job_id = submit(lab_spec(lab, job_dir, pipeline_parallel_size=2, tensor_parallel_size=1))
+    jd, job_id = submit(lab_spec(lab, job_dir, pipeline_parallel_size=2, tensor_parallel_size=1, env=DEAD_PROXY))
     t0 = time.monotonic()
     try:
         state = require_ready(jd)

@@ -214,3 +214,29 @@ def test_too_long_a_temp_dir_is_refused(tmp_path):
 
     with pytest.raises(NodeError, match="too long for socket paths"):
         make_temp_dir("1", 0, root=str(tmp_path / ("x" * 40)))
+
+
+def test_owned_children_ignore_the_time_limit_warning():
+    """Slurm may signal every process of the step; only the node program acts on SIGUSR2."""
+    p = OwnedProcess("sleep", ["sleep", "600"], os.environ)
+    try:
+        time.sleep(0.2)
+        os.kill(p.pid, signal.SIGUSR2)
+        time.sleep(0.3)
+        assert p.running, "SIGUSR2 killed an owned child"
+    finally:
+        terminate([p], grace=1.0)
+
+
+def test_a_worker_notes_the_warning_and_keeps_running():
+    s = Stopper(stop_on_warning=False)
+    lifecycle.install_signal_handlers(s)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.1)
+        assert s.warned and not s.stopped
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert s.wait(2.0) and s.reason == "cancelled"
+    finally:
+        for sig in lifecycle.SIGNAL_REASONS:
+            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)

@@ -493,3 +493,29 @@ def test_stop_grace_fits_inside_slurms_kill_wait() -> None:
     assert serve.stop_grace(30) == 30 - serve.TEARDOWN_BUDGET  # Slurm's default KillWait
     assert serve.stop_grace(120) == serve.STOP_GRACE
     assert serve.stop_grace(3) == serve.MIN_STOP_GRACE  # the lab's short KillWait
+
+
+# --- the time-limit warning: drain, then end ---------------------------------------------
+
+
+def test_the_drain_budget_uses_the_warnings_lead_time():
+    assert serve.drain_budget(120) == 120 - serve.DRAIN_MARGIN - serve.TEARDOWN_BUDGET
+    assert serve.drain_budget(5) == serve.MIN_STOP_GRACE  # a short warning still stops cleanly
+
+
+def test_shutdown_timeout_is_passed_unless_the_user_set_it():
+    spec = ServeSpec("org/M")
+    argv = serve.build_serve_argv(spec, host="h", port=1, shutdown_timeout=108)
+    assert argv[argv.index("--shutdown-timeout") + 1] == "108"
+    assert "--shutdown-timeout" not in serve.build_serve_argv(spec, host="h", port=1)
+    mine = ServeSpec("org/M", extra_args=["--shutdown_timeout=5"])
+    argv = serve.build_serve_argv(mine, host="h", port=1, shutdown_timeout=108)
+    assert "--shutdown-timeout" not in argv and argv[-1] == "--shutdown_timeout=5"
+
+
+def test_vllm_drain_support_is_read_without_importing_vllm():
+    import sys
+
+    before = "vllm" in sys.modules
+    assert isinstance(serve.vllm_drains_on_sigterm(), bool)
+    assert ("vllm" in sys.modules) == before
