@@ -60,7 +60,7 @@ def lab_venv(env: dict[str, str]) -> str:
 
 def make_job(tmp_path: Path, env: dict[str, str], *, nodes: int, name: str = "boot", join_timeout: float = 60,
              cluster_timeout: float = 90, gpus: int = 1, cpus: int = 1, mem: str = "1500M",
-             extra_env: dict[str, str] | None = None) -> Any:
+             extra_env: dict[str, str] | None = None, sbatch_args: list[str] | None = None) -> Any:
     """A real job directory and rendered script for a bootstrap-only job (no vLLM)."""
     from slurm_vllm.render import prepare_job
     from slurm_vllm.spec import ServeSpec
@@ -70,7 +70,7 @@ def make_job(tmp_path: Path, env: dict[str, str], *, nodes: int, name: str = "bo
         partition=env.get("LAB_PARTITION", PARTITION), time="00:10:00", job_name=name,
         venv=lab_venv(env), env={"SLURM_VLLM_NODE_NO_SERVE": "1", **(extra_env or {})},
         ray={"join_timeout": join_timeout, "cluster_timeout": cluster_timeout},
-        job_dir=str(tmp_path / name),
+        job_dir=str(tmp_path / name), sbatch_args=list(sbatch_args or []),
     )
     return prepare_job(spec)
 
@@ -168,9 +168,9 @@ def node_log(jd: Any, rank: int) -> str:
         return ""
 
 
-def job_processes(job_id: str) -> list[tuple[int, str]]:
+def job_processes(job_id: str, width: int = 160) -> list[tuple[int, str]]:
     """Every process on the machine (all lab nodes) started for this job: by its environment or
-    by its Ray temp dir. Excludes Slurm's own step daemons."""
+    by its Ray temp dir, with its command line cut to ``width``. Excludes Slurm's step daemons."""
     needle_env = f"SLURM_JOB_ID={job_id}\0".encode()
     needle_dir = f"svl-{job_id}-".encode()
     found = []
@@ -193,7 +193,7 @@ def job_processes(job_id: str) -> list[tuple[int, str]]:
         if "slurmstepd" in text or not text:
             continue
         if needle_env in environ or needle_dir in cmd:
-            found.append((int(d), text[:160]))
+            found.append((int(d), text[:width]))
     return found
 
 

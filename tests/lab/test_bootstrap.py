@@ -8,6 +8,7 @@ cluster (SLURM_VLLM_NODE_NO_SERVE=1).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 from _bootstrap_helpers import (
     assert_no_processes,
     job_nodes,
+    job_processes,
     make_job,
     node_log,
     read_state,
@@ -194,12 +196,39 @@ def test_node_that_never_joins_fails_head_at_deadline_naming_it(lab, jobs, workd
     assert_no_processes(job, timeout=10)
 
 
+def _burn_job_ids_until(next_id: int) -> None:
+    """Submit and cancel held no-op jobs until Slurm's next job id is ``next_id``."""
+    burnt: list[str] = []
+    while True:
+        out = subprocess.run(["sbatch", "--parsable", "--hold", "--output=/dev/null", "--wrap=true"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        burnt.append(out.strip().split(";")[0])
+        if int(burnt[-1]) >= next_id - 1:
+            break
+    subprocess.run(["scancel", *burnt], timeout=60, check=False)
+
+
+def _first_worker_ports(job_id: str) -> set[int]:
+    """The first Ray worker port of each of the job's raylets (from their command lines)."""
+    return {int(m) for _, cmd in job_processes(job_id, width=100_000)
+            for m in re.findall(r"--min[-_]worker[-_]port=(\d+)", cmd)}
+
+
 def test_two_jobs_sharing_nodes_both_form(lab, jobs, workdir: Path) -> None:
-    a = make_job(workdir, lab, nodes=2, name="share-a", gpus=1, cpus=1, mem="1G")
-    b = make_job(workdir, lab, nodes=2, name="share-b", gpus=1, cpus=1, mem="1G")
+    """Two jobs on the same two nodes, their ids one port-plan cycle apart (ports.SLOTS): each
+    rank's first-choice slot is the same for both, and only the slot claims keep the second
+    job's Ray worker ports (bound later, so a bind test cannot see them) apart from the first's."""
+    from slurm_vllm.node.ports import SLOTS
+
+    nodes = "--nodelist=" + ",".join(lab["LAB_NODES"].split()[:2])
+    a = make_job(workdir, lab, nodes=2, name="share-a", gpus=1, cpus=1, mem="1G", sbatch_args=[nodes])
+    b = make_job(workdir, lab, nodes=2, name="share-b", gpus=1, cpus=1, mem="1G", sbatch_args=[nodes])
     ja = sbatch(a.script)
+    jobs.append(ja)
+    _burn_job_ids_until(int(ja) + SLOTS)
     jb = sbatch(b.script)
-    jobs.extend([ja, jb])
+    jobs.append(jb)
+    assert int(jb) == int(ja) + SLOTS, (ja, jb)
     wait_running(ja)
     wait_running(jb)
     sa = wait_for(_formed(a, 2), 200, "job A cluster")
@@ -207,6 +236,8 @@ def test_two_jobs_sharing_nodes_both_form(lab, jobs, workdir: Path) -> None:
     shared = set(job_nodes(ja)) & set(job_nodes(jb))
     assert shared, "two 2-node jobs on a 3-node lab must share a node"
     assert sa["ray_address"] != sb["ray_address"]
+    pa, pb = _first_worker_ports(ja), _first_worker_ports(jb)
+    assert pa and pb and pa.isdisjoint(pb), (pa, pb)
     # Both clusters are still intact after both formed: their ports did not collide.
     time.sleep(3)
     assert read_state(a)["phase"] == "LOADING_MODEL" and read_state(b)["phase"] == "LOADING_MODEL"
@@ -324,3 +355,31 @@ def test_time_limit_signal_ends_the_job_with_its_reason(lab, jobs, workdir: Path
     assert state["phase"] == "ENDED" and state["reason"] == "time limit", state
     assert_no_processes(job)
     print(f"USR2 -> job gone in {gone:.1f}s")
+
+
+def _node_program_pid(job_id: str, rank: int) -> int | None:
+    """The pid of the job's node program on node ``rank`` (by its environment)."""
+    for pid, cmd in job_processes(job_id, width=400):
+        if "slurm_vllm node" not in cmd:
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"SLURM_NODEID={rank}".encode() in environ:
+            return pid
+    return None
+
+
+def test_kill_9_of_the_heads_node_program_leaves_no_process(lab, jobs, workdir: Path) -> None:
+    """A node program killed outright cannot tear down: its children must die with it."""
+    import signal
+
+    jd = make_job(workdir, lab, nodes=2, name="kill9")
+    job = jobs.start(jd.script)
+    wait_for(_formed(jd, 2), 150, "2-node cluster")
+    pid = wait_for(lambda: _node_program_pid(job, 0), 10, "the head's node program")
+    assert any("raylet" in cmd or "gcs_server" in cmd for _, cmd in job_processes(job)), "nothing to leave behind"
+    os.kill(pid, signal.SIGKILL)
+    wait_gone(job, 90)
+    assert_no_processes(job)
