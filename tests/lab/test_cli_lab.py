@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _bootstrap_helpers import assert_no_processes
 from conftest_cli_lab import (
     PARTITION,
     cli,
@@ -216,7 +217,8 @@ def test_cli_submit_wait_endpoint_chat_cancel(home: Path) -> None:
     c = cli(["cancel", jid], home, timeout=180)
     assert c.returncode == 0 and "ENDED" in c.stdout, c.stderr
     st = json.loads(cli(["status", jid, "--json"], home).stdout)
-    assert st["phase"] == "ENDED"
+    assert st["phase"] == "ENDED" and "cancelled" in st["reason"], st
+    assert_no_processes(jid)
     dead = cli(["endpoint", jid, "--json"], home)
     assert dead.returncode == 4 and dead.stdout == "" and ep["api_key"] not in dead.stderr
 

@@ -39,6 +39,8 @@ REPO = Path(__file__).resolve().parents[2]
 PROFILE = REPO / "scripts" / "lab" / "profile.yaml"
 READY_TIMEOUT = 420  # a cold start on the lab's 2 cores: Ray ~15 s, vLLM 60-100 s, compile cache misses
 PROMPT = [{"role": "user", "content": "Say hello to the world."}]
+#: Tokens of the completion in flight when the time-limit warning comes (max-model-len is 256).
+LONG_COMPLETION = 200
 #: Proxy variables pointing at a port nothing listens on (the discard port).
 DEAD_PROXY = {name: "http://127.0.0.1:9" for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
 #: Temperature-0 answers by configuration, for the cross-check between backends.
@@ -162,15 +164,33 @@ def test_ray_pp2_two_nodes_ready_answers_with_key_and_401_without(ray_job: dict[
     assert all(key not in cmd for _, cmd in job_processes(job_id))
 
 
-def test_scancel_of_ready_job_ends_and_leaves_nothing(ray_job: dict[str, Any]) -> None:
+def test_time_limit_warning_lets_the_inflight_completion_finish_then_ends(ray_job: dict[str, Any]) -> None:
+    """Slurm's warning (what `#SBATCH --signal=USR2@grace` sends) while a long completion streams:
+    vLLM stops taking requests, drains the one in flight, and the job ends ENDED "time limit"
+    with nothing left behind. (scancel of a READY job is the CLI test's `cancel`.)"""
+    from openai import OpenAI
+
     jd, job_id = ray_job["jd"], ray_job["job_id"]
     assert read_state(jd)["phase"] == "READY"
-    assert any("vllm" in cmd or "raylet" in cmd for _, cmd in job_processes(job_id))  # something to end
-    scancel(job_id)
-    wait_gone(job_id, 120)
+    endpoint = json.loads(jd.endpoint.read_text())
+    client = OpenAI(base_url=endpoint["base_url"], api_key=jd.read_secret(jd.api_key), max_retries=0, timeout=300)
+    stream = client.chat.completions.create(
+        model=endpoint["model"], messages=PROMPT, temperature=0, max_tokens=LONG_COMPLETION, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    first = next(chunks)  # the completion is in flight now
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+    usage = None
+    for chunk in [first, *chunks]:
+        usage = chunk.usage or usage
+    assert usage is not None and usage.completion_tokens == LONG_COMPLETION, usage
+    wait_gone(job_id, 180)
     state = read_state(jd)
-    assert state["phase"] == "ENDED", state
-    assert state["reason"] == "cancelled"
+    assert state["phase"] == "ENDED" and state["reason"] == "time limit", state
+    vllm_log = jd.vllm_log().read_text(errors="replace")
+    assert "draining in-flight requests" in vllm_log, vllm_log[-2000:]  # vLLM's own shutdown, mode drain
+    assert "time-limit warning: draining in-flight requests" in (jd.logs / "node-0.log").read_text()
+    assert "staying in the cluster" in (jd.logs / "node-1.log").read_text()
     assert_no_processes(job_id)
 
 
