@@ -14,14 +14,14 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from slurm_vllm.errors import NodeError, SlurmVllmError
 from slurm_vllm.jobdir import HeadRecord, JobDir, Phase, Run, parse_restart, tail_lines, write_state
 from slurm_vllm.node import lifecycle, ray_cluster, topology
+from slurm_vllm.node.context import NodeContext
 from slurm_vllm.node.lifecycle import OwnedProcess, Stopper
 from slurm_vllm.node.ports import PortPlan, claim_slot, plan_ports
 from slurm_vllm.node.ray_launch import Launch, Launches, launcher_argv
@@ -34,60 +34,6 @@ ENV_NO_SERVE = "SLURM_VLLM_NODE_NO_SERVE"
 ENV_KEEP_TMP = "SLURM_VLLM_KEEP_RAY_TMP"
 
 HEAD_LOST_AFTER = 10.0  # a worker declares the head gone after this long without its GCS port
-
-
-@dataclass
-class NodeContext:
-    """What the serving step gets from the node program.
-
-    ``env`` is the environment for processes this node starts (it already carries
-    ``RAY_ADDRESS``, the token settings, ``VLLM_HOST_IP`` and the Gloo/NCCL interface).
-    The serving step must return when ``stop_event`` is set; ``fail(reason)`` ends the job FAILED.
-    """
-
-    spec: ServeSpec
-    jobdir: JobDir
-    run: Run
-    topology: Topology
-    ports: PortPlan
-    env: dict[str, str]
-    stop_event: threading.Event
-    stopper: Stopper
-    ray_address: str | None
-    temp_dir: str
-    log: Callable[[str], None] = lifecycle.log
-    owned: list[OwnedProcess] = field(default_factory=list)
-    # Copied from the topology for the serving step's convenience.
-    rank: int = field(init=False)
-    num_nodes: int = field(init=False)
-    head_host: str = field(init=False)
-    head_ip: str = field(init=False)
-    ip: str = field(init=False)  # this node's own address (the one Ray, vLLM and NCCL use)
-
-    def __post_init__(self) -> None:
-        t = self.topology
-        self.rank, self.num_nodes, self.head_host, self.head_ip, self.ip = (
-            t.rank, t.num_nodes, t.head_host, t.head_ip, t.node_ip)
-
-    @property
-    def stop_reason(self) -> str | None:
-        return self.stopper.reason
-
-    @property
-    def api_port(self) -> int:
-        return self.ports.api
-
-    @property
-    def api_key(self) -> str | None:
-        return self.jobdir.read_secret(self.jobdir.api_key) if self.spec.serve.api_key else None
-
-    def fail(self, reason: str) -> None:
-        self.stopper.fail(reason)
-
-    def own(self, proc: OwnedProcess) -> OwnedProcess:
-        """Register a child so the node's teardown stops it (and all it started) too."""
-        self.owned.append(proc)
-        return proc
 
 
 def load_spec(jobdir: JobDir) -> ServeSpec:
@@ -339,7 +285,7 @@ class NodeProgram:
                           nodes=[{"host": a.name, "ip": a.ip, "head": a.is_head} for a in alive])
         child_env = dict(env, RAY_ADDRESS=address)
         ctx = NodeContext(spec=spec, jobdir=self.jobdir, run=self._current_run(), topology=topo, ports=ports, env=child_env,
-                          stop_event=self.stopper.event, stopper=self.stopper, ray_address=address,
+                          stopper=self.stopper, ray_address=address,
                           temp_dir=str(self.temp_dir), log=self.log, owned=self.owned)
         watchdog = threading.Thread(target=self._watch_cluster, args=(watcher, head, n, hosts),
                                     name="cluster-watchdog", daemon=True)
@@ -395,7 +341,7 @@ class NodeProgram:
                               nodes_expected=topo.num_nodes, missing_hosts=[], reason=None)
             self._publish_head(topo, ports)
         ctx = NodeContext(spec=spec, jobdir=self.jobdir, run=self._current_run(), topology=topo, ports=ports, env=env,
-                          stop_event=self.stopper.event, stopper=self.stopper, ray_address=None,
+                          stopper=self.stopper, ray_address=None,
                           temp_dir=str(self.temp_dir), log=self.log, owned=self.owned)
         if self.env.get(ENV_NO_SERVE) == "1":
             return hold(ctx, "serving is switched off: holding")

@@ -33,12 +33,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from collections.abc import Mapping, Sequence
 
 from slurm_vllm import direct_http
 from slurm_vllm import spec as spec_mod
 from slurm_vllm.errors import NodeError, SpecErrors
 from slurm_vllm.jobdir import EndpointRecord, HeadRecord, JobDir, Phase, Run, tail_lines, write_state
+from slurm_vllm.node.context import NodeContext
 from slurm_vllm.node.lifecycle import TEARDOWN_GRACE, TIME_LIMIT, OwnedProcess, slurm_kill_wait, stop
 from slurm_vllm.node.ports import port_is_free
 from slurm_vllm.spec import ServeSpec
@@ -55,27 +56,6 @@ MIN_STOP_GRACE = 1.0
 POLL_INTERVAL = 2.0
 #: After vLLM exits, how long to wait for a stop signal that may be racing with it.
 STOP_RACE_GRACE = 2.0
-
-
-class NodeContext(Protocol):
-    """What this module reads of the node program's context (``node/main.py``'s NodeContext).
-
-    ``ports.api`` is the planned vLLM API port, ``ports.mp_master_port`` vLLM's rendezvous
-    port for the mp backend; ``ray_address``, ``stop_reason`` and ``stopper.failed`` are read
-    when present.
-    """
-
-    spec: ServeSpec
-    jobdir: JobDir
-    run: Run
-    rank: int
-    num_nodes: int
-    head_host: str
-    head_ip: str
-    ip: str
-    ports: Any
-    env: dict[str, str]
-    stop_event: threading.Event
 
 
 # --------------------------------------------------------------------------- command line
@@ -349,21 +329,17 @@ def supervise(proc: OwnedProcess, stop_event: threading.Event, poll: float = 1.0
 # --------------------------------------------------------------------------- the head's job
 
 
-def api_port(ctx: Any) -> int:
-    """The vLLM API port: the per-job plan's (which honours ``serve.port``), else the spec's."""
-    port = getattr(ctx.ports, "api", None) or ctx.spec.serve.port
-    if not port:
-        raise ValueError("no vLLM API port planned for this job")
-    return int(port)
+def api_port(ctx: NodeContext) -> int:
+    """The vLLM API port: the per-job plan's (which honours ``serve.port``)."""
+    return ctx.ports.api
 
 
-def ray_address(ctx: Any) -> str | None:
+def ray_address(ctx: NodeContext) -> str | None:
     """The job's own Ray cluster (``ctx.ray_address``, else ``RAY_ADDRESS`` of the node's env)."""
-    address = getattr(ctx, "ray_address", None) or (ctx.env or {}).get("RAY_ADDRESS")
-    return str(address) if address else None
+    return ctx.ray_address or ctx.env.get("RAY_ADDRESS") or None
 
 
-def _api_key(ctx: Any) -> str | None:
+def _api_key(ctx: NodeContext) -> str | None:
     if not ctx.spec.serve.api_key:
         return None
     key = ctx.jobdir.read_secret(ctx.jobdir.api_key)
@@ -372,7 +348,7 @@ def _api_key(ctx: Any) -> str | None:
     return key
 
 
-def _ready_timeout(ctx: Any) -> float:
+def _ready_timeout(ctx: NodeContext) -> float:
     return float(ctx.spec.serve.ready_timeout or DEFAULT_READY_TIMEOUT)
 
 
@@ -384,17 +360,16 @@ def write_endpoint(jobdir: JobDir, run: Run, *, ip: str, port: int, model: str, 
     return endpoint
 
 
-def _stop_is_failure(ctx: Any) -> bool:
-    stopper = getattr(ctx, "stopper", None)
-    return bool(getattr(stopper, "failed", False))
+def _stop_is_failure(ctx: NodeContext) -> bool:
+    return ctx.stopper.failed
 
 
-def _stop_reason(ctx: Any) -> str:
-    return str(getattr(ctx, "stop_reason", None) or "stopped")
+def _stop_reason(ctx: NodeContext) -> str:
+    return ctx.stop_reason or "stopped"
 
 
 def serve_and_watch(
-    ctx: Any,
+    ctx: NodeContext,
     argv: Sequence[str],
     env: Mapping[str, str],
     *,
@@ -469,14 +444,14 @@ def serve_and_watch(
             stop(proc, STOP_GRACE)
 
 
-def _shutdown_timeout(ctx: Any) -> int | None:
+def _shutdown_timeout(ctx: NodeContext) -> int | None:
     """vLLM's drain on SIGTERM: the time-limit warning's lead time, where vLLM has the option."""
     if not vllm_drains_on_sigterm():
         return None
     return int(drain_budget(ctx.spec.resources.signal_grace))
 
 
-def free_api_port(ctx: Any) -> int:
+def free_api_port(ctx: NodeContext) -> int:
     """The API port, tested again right before vLLM binds it (minutes after it was planned)."""
     port = api_port(ctx)
     if not port_is_free(port):
@@ -507,15 +482,12 @@ def mp_log_path(jobdir: JobDir, rank: int, restart: int = 0) -> Path:
     return jobdir.vllm_log(restart, rank)
 
 
-def master_port(ctx: Any) -> int:
+def master_port(ctx: NodeContext) -> int:
     """vLLM's rendezvous port for the mp backend, from the head's port plan."""
-    port = getattr(ctx.ports, "mp_master_port", None)
-    if not port:
-        raise ValueError("no vLLM master port planned for this job (--backend mp)")
-    return int(port)
+    return ctx.ports.mp_master_port
 
 
-def wait_head_published(ctx: Any, timeout: float, poll: float = 0.5) -> HeadRecord | None:
+def wait_head_published(ctx: NodeContext, timeout: float, poll: float = 0.5) -> HeadRecord | None:
     """Read ``head.json`` of this job run, waiting for the head to write it.
 
     mp ranks other than 0 need the head's address and rendezvous port; each node plans its own

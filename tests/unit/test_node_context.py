@@ -7,7 +7,7 @@ import threading
 from slurm_vllm.jobdir import JobDir, Run
 from slurm_vllm.node import serve
 from slurm_vllm.node.lifecycle import Stopper
-from slurm_vllm.node.main import NodeContext
+from slurm_vllm.node.context import NodeContext
 from slurm_vllm.node.ports import plan_ports
 from slurm_vllm.node.topology import Topology
 from slurm_vllm.spec import ServeSpec
@@ -20,7 +20,7 @@ def make_ctx(tmp_path, port=None) -> NodeContext:
     stopper = Stopper()
     ports = plan_ports("77", 1, api_port=port, is_free=lambda p: True)
     return NodeContext(spec=spec, jobdir=JobDir(tmp_path), run=Run("77"), topology=topo, ports=ports,
-                       env={"RAY_ADDRESS": "10.0.0.1:20100"}, stop_event=stopper.event, stopper=stopper,
+                       env={"RAY_ADDRESS": "10.0.0.1:20100"}, stopper=stopper,
                        ray_address="10.0.0.1:20100", temp_dir="/tmp/x")
 
 

@@ -27,6 +27,10 @@ from slurm_vllm.jobdir import JobDir, Phase, Run
 
 ENDED, FAILED, READY = Phase.ENDED.value, Phase.FAILED.value, Phase.READY.value
 from slurm_vllm.node import lifecycle, serve
+from slurm_vllm.node.context import NodeContext
+from slurm_vllm.node.lifecycle import Stopper
+from slurm_vllm.node.ports import plan_ports
+from slurm_vllm.node.topology import Topology
 from slurm_vllm.spec import ServeSpec
 
 KEY = "s3cret-key-for-tests"
@@ -228,11 +232,10 @@ def head(tmp_path: Path) -> SimpleNamespace:
         "FAKE_ARGV_FILE": str(tmp_path / "argv.json"),
         "FAKE_PIDS_FILE": str(tmp_path / "pids"),
     }
-    ctx = SimpleNamespace(
-        spec=spec, jobdir=jobdir, run=Run("4242", 0), rank=0, num_nodes=2, head_host="node-a", head_ip="127.0.0.1",
-        ip="127.0.0.1", ports=SimpleNamespace(api=free_port(), mp_master_port=free_port()), env=env,
-        stop_event=threading.Event(), ray_address="127.0.0.1:6380", stop_reason=None,
-    )
+    topo = Topology(job_id="4242", rank=0, num_nodes=2, hostname="node-a", hosts=("node-a", "node-b"),
+                    head_host="node-a", head_ip="127.0.0.1", node_ip="127.0.0.1", interface="lo")
+    ctx = NodeContext(spec=spec, jobdir=jobdir, run=Run("4242", 0), topology=topo, ports=plan_ports("4242"), env=env,
+                      stopper=Stopper(), ray_address="127.0.0.1:6380", temp_dir=str(tmp_path / "ray"))
     return SimpleNamespace(ctx=ctx, tmp=tmp_path, jobdir=jobdir)
 
 
@@ -297,8 +300,7 @@ def test_ready_writes_endpoint_then_stop_ends_and_leaves_no_process(head: Simple
     assert err.value.code == 401
 
     leader, child = _pids(head.tmp)
-    ctx.stop_reason = "cancelled"
-    ctx.stop_event.set()
+    ctx.stopper.stop("cancelled")
     thread.join(timeout=60)
     assert not thread.is_alive()
     assert result["rc"] == 0
@@ -355,8 +357,7 @@ def test_stop_while_loading_ends_without_endpoint(head: SimpleNamespace) -> None
     deadline = time.monotonic() + 10
     while not (head.tmp / "pids").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    ctx.stop_reason = "time limit"
-    ctx.stop_event.set()
+    ctx.stopper.stop("time limit")
     thread.join(timeout=60)
     assert result["rc"] == 0
     state = _state(jobdir)
@@ -462,8 +463,7 @@ def test_vllm_exiting_from_the_same_scancel_is_a_stop_not_a_failure(head: Simple
         while pid_alive(leader):
             time.sleep(0.05)
         time.sleep(0.3)  # the node program's signal handler runs a moment later
-        ctx.stop_reason = "cancelled"
-        ctx.stop_event.set()
+        ctx.stopper.stop("cancelled")
 
     helper = threading.Thread(target=stop_soon_after_exit, daemon=True)
     helper.start()
@@ -477,11 +477,9 @@ def test_vllm_exiting_from_the_same_scancel_is_a_stop_not_a_failure(head: Simple
 def test_a_failure_stop_fails_the_job(head: SimpleNamespace) -> None:
     """The node program stops the step because a node left: FAILED with that reason."""
     ctx, jobdir = head.ctx, head.jobdir
-    ctx.stopper = SimpleNamespace(failed=True)
     thread, result = _run_in_thread(serve.run_head_serving, ctx)
     _wait_phase(jobdir, READY)
-    ctx.stop_reason = "node(s) labnode2 left the Ray cluster (1/2 alive)"
-    ctx.stop_event.set()
+    ctx.fail("node(s) labnode2 left the Ray cluster (1/2 alive)")
     thread.join(timeout=60)
     assert result["rc"] == 1
     state = _state(jobdir)
