@@ -536,6 +536,16 @@ POLLER = Poller(min_interval=float(os.environ.get("SLURM_VLLM_POLL_INTERVAL", "2
 # --------------------------------------------------------------------------------------------
 
 
+def kill_wait(timeout: float = 5.0) -> float | None:
+    """Slurm's KillWait (seconds between a step's SIGTERM and its SIGKILL); None if unknown."""
+    try:
+        out = run(["scontrol", "show", "config"], timeout=timeout).stdout
+    except SlurmCommandError:
+        return None
+    match = re.search(r"^KillWait\s*=\s*(\d+)", out, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
 def parse_sbatch_parsable(stdout: str) -> str:
     """``sbatch --parsable`` prints ``ID`` or ``ID;CLUSTER``; return the id."""
     for line in stdout.splitlines():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -84,17 +83,13 @@ def slurm_kill_wait(timeout: float = 5.0) -> float | None:
     """Slurm's KillWait: seconds between a step's SIGTERM and its SIGKILL; None if unknown.
 
     Everything the node program does after scancel or the time limit must fit in it. Outside
-    a Slurm job (no SLURM_JOB_ID) there is none.
+    a Slurm job (no SLURM_JOB_ID) there is none. Asked through the one Slurm runner (slurm.py).
     """
     if not os.environ.get("SLURM_JOB_ID"):
         return None
-    try:
-        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
-                             timeout=timeout, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r"^KillWait\s*=\s*(\d+)", out, re.MULTILINE)
-    return float(match.group(1)) if match else None
+    from slurm_vllm import slurm  # noqa: PLC0415 - only inside a job; the launcher never needs it
+
+    return slurm.kill_wait(timeout)
 
 
 def install_signal_handlers(stopper: Stopper) -> None:

@@ -90,26 +90,25 @@ def test_sweep_removes_only_old_dirs_of_jobs_no_longer_running(tmp_path):
 
 
 def test_slurm_kill_wait_is_read_from_scontrol_inside_a_job(monkeypatch):
-    import subprocess
+    from slurm_vllm import slurm
 
     calls = []
 
-    def run(argv, **kw):
+    def answers(argv, timeout):
         calls.append(argv)
-        return subprocess.CompletedProcess(argv, 0, "JobCompType             = jobcomp/none\n"
-                                                     "KillWait                = 45 sec\n", "")
+        return slurm.Completed(argv, 0, "JobCompType             = jobcomp/none\n"
+                                        "KillWait                = 45 sec\n", "")
 
-    monkeypatch.setattr(lifecycle.subprocess, "run", run)
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    assert lifecycle.slurm_kill_wait() is None and not calls  # not in a job: nothing to ask
-    monkeypatch.setenv("SLURM_JOB_ID", "42")
-    assert lifecycle.slurm_kill_wait() == 45.0 and calls == [["scontrol", "show", "config"]]
+    def fails(argv, timeout):
+        return slurm.Completed(argv, 1, "", "slurm_load_ctl_conf error")
 
-    def fails(argv, **kw):
-        raise subprocess.CalledProcessError(1, argv)
-
-    monkeypatch.setattr(lifecycle.subprocess, "run", fails)
-    assert lifecycle.slurm_kill_wait() is None
+    with slurm.use_runner(answers):
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+        assert lifecycle.slurm_kill_wait() is None and not calls  # not in a job: nothing to ask
+        monkeypatch.setenv("SLURM_JOB_ID", "42")
+        assert lifecycle.slurm_kill_wait() == 45.0 and calls == [["scontrol", "show", "config"]]
+    with slurm.use_runner(fails):
+        assert lifecycle.slurm_kill_wait() is None
 
 
 # A "node program" that starts an owned child, reports its pid and waits to be killed.
