@@ -18,7 +18,7 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from slurm_vllm.errors import NodeError
+from slurm_vllm.errors import NodeError, SlurmVllmError
 
 #: Debug/test aid: force this node's address (the interface is looked up from it).
 ENV_NODE_IP = "SLURM_VLLM_NODE_IP"
@@ -154,7 +154,10 @@ Runner = Callable[[list[str]], str]
 
 
 def _run_scontrol(argv: list[str]) -> str:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
+    """Through the one Slurm runner (slurm.py): same timeouts and error words as the login side."""
+    from slurm_vllm import slurm  # noqa: PLC0415 - only when Slurm is asked
+
+    return slurm.run(argv, timeout=30).stdout
 
 
 def slurm_hostnames(nodelist: str, run: Runner | None = None) -> list[str]:
@@ -163,7 +166,7 @@ def slurm_hostnames(nodelist: str, run: Runner | None = None) -> list[str]:
         return expand_hostlist(nodelist)
     try:
         out = (run or _run_scontrol)(["scontrol", "show", "hostnames", nodelist])
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError, SlurmVllmError):
         return expand_hostlist(nodelist)
     hosts = [h.strip() for h in out.splitlines() if h.strip()]
     return hosts or expand_hostlist(nodelist)
