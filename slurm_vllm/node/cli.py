@@ -21,7 +21,7 @@ def node_main(argv: Sequence[str]) -> int:
         "other ranks join it. Launched by the job script through srun, one task per node."))
     p.add_argument("--job-dir", required=True, help="the job directory (holds spec.json and the secrets)")
     args = p.parse_args(list(argv))
-    from slurm_vllm.node.main import run_node
+    from slurm_vllm.node.program import run_node
 
     return run_node(args.job_dir)
 

@@ -14,6 +14,8 @@ from slurm_vllm.node.ports import PortPlan
 from slurm_vllm.node.topology import Topology
 from slurm_vllm.spec import ServeSpec
 
+#: Test/debug aid: the head holds the formed cluster until signalled instead of serving.
+ENV_NO_SERVE = "SLURM_VLLM_NODE_NO_SERVE"
 
 @dataclass
 class NodeContext:
@@ -72,3 +74,10 @@ class NodeContext:
         """Register a child so the node's teardown stops it (and all it started) too."""
         self.owned.append(proc)
         return proc
+
+
+def hold(ctx: NodeContext, why: str) -> int:
+    """Keep the formed cluster until the job is signalled (test/debug aid; also the fallback)."""
+    ctx.log(why)
+    ctx.stop_event.wait()
+    return 0
