@@ -61,10 +61,11 @@ StrictBool = Annotated[bool, BeforeValidator(_strict_bool)]
 
 
 def _env_value(value: Any, info: ValidationInfo) -> Any:
-    """``env`` as a mapping of strings: numbers become their text; list items NAME=value."""
+    """``env`` as a mapping of strings: a whole number becomes its text (``OMP_NUM_THREADS: 8``);
+    list items are NAME=value. A decimal is refused: ``12.10`` would arrive as ``12.1``."""
     out = {}
     for name, v in _env_mapping(value).items():
-        if isinstance(v, bool) or v is None or not isinstance(v, (str, int, float)):
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
             raise SpecError(f"env.{name}", v, f"quote the value in the file: {name}: \"...\" (a string)",
                             problem="is not a string")
         out[str(name)] = v if isinstance(v, str) else str(v)
@@ -575,7 +576,7 @@ MIN_RUN_AFTER_WARNING = 60
 
 
 def time_limit_seconds(text: str | None) -> int | None:
-    """A Slurm time limit in seconds; None when unset, unlimited or malformed."""
+    """A Slurm time limit in seconds; None when unset, unlimited (also ``0``) or malformed."""
     if text is None or not _TIME_RE.match(text):
         return None
     days, _, clock = text.rpartition("-") if "-" in text else ("", "", text)
@@ -583,12 +584,14 @@ def time_limit_seconds(text: str | None) -> int | None:
     if days:  # D-HH, D-HH:MM, D-HH:MM:SS
         parts += [0] * (3 - len(parts))
         hours, minutes, seconds = parts
-        return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
-    if len(parts) == 1:  # MM
-        return parts[0] * 60
-    if len(parts) == 2:  # MM:SS
-        return parts[0] * 60 + parts[1]
-    return (parts[0] * 60 + parts[1]) * 60 + parts[2]  # HH:MM:SS
+        total = ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
+    elif len(parts) == 1:  # MM
+        total = parts[0] * 60
+    elif len(parts) == 2:  # MM:SS
+        total = parts[0] * 60 + parts[1]
+    else:  # HH:MM:SS
+        total = (parts[0] * 60 + parts[1]) * 60 + parts[2]
+    return total or None  # Slurm reads a zero time limit as no limit
 
 
 def _clock(seconds: int) -> str:
@@ -618,6 +621,7 @@ OWNED_VLLM_FLAGS: dict[str, str | None] = {
     "-n": None,
     "-r": None,
     "--model": None,
+    "--config": None,
 }
 
 _OWNED_FIX = {
@@ -629,6 +633,8 @@ _OWNED_FIX = {
     "--master-port": "remove it: the port is planned per job",
     "--headless": "remove it: non-zero ranks run headless on their own with the mp backend",
     "--model": "remove it: set model (the positional MODEL)",
+    "--config": "remove it and pass the options themselves: a vLLM config file could set the flags "
+                "the tool owns (the API key among them)",
     "-n": "remove it: set nodes (the node program passes --nnodes for the mp backend)",
     "-r": "remove it: each node's rank comes from Slurm",
 }
@@ -875,10 +881,12 @@ def check_sbatch_args(args: list[str]) -> list[SpecError]:
 
 
 def _vllm_flag(arg: str) -> tuple[str, str | None]:
-    """Split ``--flag=value`` and normalise ``--flag_name`` to ``--flag-name`` as vLLM does."""
+    """Split ``--flag=value`` and name the flag as vLLM's parser does: ``--flag_name`` is
+    ``--flag-name``, and ``--flag.key=v`` / ``--flag+=v`` (its JSON and list forms) set ``--flag``."""
     name, eq, value = arg.partition("=")
     if name.startswith("--"):
         name = "--" + name[2:].replace("_", "-")
+        name = name.split(".", 1)[0].rstrip("+")
     return name, (value if eq else None)
 
 
@@ -1007,8 +1015,9 @@ def _expanded_size(data: Any, limit: int = MAX_FILE_VALUES) -> int:
 
 
 def _yaml_loader() -> type:
-    """PyYAML's safe loader, minus YAML 1.1's base-60 numbers: ``time: 1:30:00`` stays the text
-    1:30:00 instead of the integer 5400. Plain integers and decimals are still numbers."""
+    """PyYAML's safe loader, minus YAML 1.1's base-60, hex, octal and underscored numbers:
+    ``time: 1:30:00`` stays the text 1:30:00 instead of the integer 5400. Plain integers and
+    decimals are still numbers."""
     import yaml  # noqa: PLC0415 - only for YAML files
 
     int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
@@ -1020,8 +1029,8 @@ def _yaml_loader() -> type:
         first: [(tag, rx) for tag, rx in resolvers if tag not in (int_tag, float_tag)]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
-    SpecLoader.add_implicit_resolver(int_tag, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+)$"),
-                                     list("-+0123456789"))
+    # Plain decimal integers only: 0x10, 0o17 and 1_000 stay the text written.
+    SpecLoader.add_implicit_resolver(int_tag, re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789"))
     SpecLoader.add_implicit_resolver(
         float_tag, re.compile(r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
                               r"|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))

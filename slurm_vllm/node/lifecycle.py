@@ -106,15 +106,12 @@ def install_signal_handlers(stopper: Stopper) -> None:
         signal.signal(sig, handler)
 
 
-def become_subreaper() -> bool:
+def become_subreaper(on: bool = True) -> bool:
     """Make orphaned descendants re-parent to this process (Linux); False where unsupported."""
-    if not sys.platform.startswith("linux"):
+    libc = _libc()
+    if not libc:
         return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
-    except (OSError, AttributeError):
-        return False
+    return int(libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)) == 0
 
 
 # ---------------------------------------------------------------- /proc helpers
@@ -204,7 +201,7 @@ def _libc() -> Any:
     return _LIBC
 
 
-def _die_with_parent() -> Any:
+def _child_setup(die_with_parent: bool = True) -> Any:
     """A ``preexec_fn`` that makes the child get SIGKILL when the node program dies, and
     ignore the time-limit warning (the node program decides what it means).
 
@@ -217,11 +214,12 @@ def _die_with_parent() -> Any:
         return None
 
     def preexec() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if die_with_parent:
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         # Slurm may send the time-limit warning to every process of the step; only the node
         # program acts on it (an ignored signal stays ignored across exec).
         libc.signal(int(signal.SIGUSR2), SIG_IGN)
-        if os.getppid() != parent:  # the parent died before the line above: follow it now
+        if die_with_parent and os.getppid() != parent:  # the parent died before prctl: follow it
             os._exit(1)
 
     return preexec
@@ -229,19 +227,20 @@ def _die_with_parent() -> Any:
 
 class OwnedProcess:
     """A child started in its own session (its process group is this job's alone) that dies
-    with the node program."""
+    with the node program, unless ``outlive_parent`` (the ``leader`` drop-in's Ray head, which
+    must outlast the leader command by design)."""
 
     def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], *,
                  stdout: IO[Any] | int | None = None, cwd: str | None = None,
-                 stdin: int = subprocess.DEVNULL, pass_fds: Sequence[int] = ()) -> None:
+                 stdin: int = subprocess.DEVNULL, pass_fds: Sequence[int] = (),
+                 outlive_parent: bool = False) -> None:
         self.name = name
         self.argv = list(argv)
         self.popen = subprocess.Popen(self.argv, env=dict(env), stdout=stdout, stderr=subprocess.STDOUT,
                                       stdin=stdin, start_new_session=True, cwd=cwd, pass_fds=tuple(pass_fds),
-                                      preexec_fn=_die_with_parent())
+                                      preexec_fn=_child_setup(die_with_parent=not outlive_parent))
         self.pid = self.popen.pid
         self.started = time.monotonic()
-        self._group_gone = False
 
     def poll(self) -> int | None:
         return self.popen.poll()
@@ -250,35 +249,27 @@ class OwnedProcess:
     def running(self) -> bool:
         return self.popen.poll() is None
 
-    def group_is_ours(self) -> bool:
-        """Whether this child's process group id still names its group.
-
-        It does while the leader is unreaped (its pid is reserved) and, after that, while the
-        group keeps a member (Linux does not reuse an id that is a live group's). Once the group
-        was seen empty the id may belong to anyone, and it is never signalled again.
-        """
-        if self.poll() is None:
-            return True
-        if not self._group_gone and not group_members(self.pid):
-            self._group_gone = True
-        return not self._group_gone
-
     def members(self, mine: set[int]) -> set[int]:
-        """Everything this child started: its descendants and its process group's members;
-        once the group id is no longer certainly ours, only the members among ``mine`` (the node
-        program's descendants: as a subreaper, it keeps its orphans)."""
-        out = descendants(self.pid) | ({self.pid} if self.running else set())
-        group = group_members(self.pid)
-        return out | (group if self.group_is_ours() else group & mine)
+        """Everything this child started that is certainly this job's.
+
+        While the leader is unreaped its pid, and so its group id, cannot be reused: its group
+        and descendants are ours. Once it is reaped, either could belong to anyone; then only
+        what is among ``mine`` (the node program's descendants: as a subreaper, it keeps its
+        orphans) counts.
+        """
+        found = descendants(self.pid) | group_members(self.pid)
+        if self.running:
+            return found | {self.pid}
+        return found & mine
 
     def __repr__(self) -> str:
         return f"OwnedProcess({self.name!r}, pid={self.pid})"
 
 
 def _signal(procs: Sequence[OwnedProcess], pids: Iterable[int], sig: int) -> None:
-    """Signal each process group whose id is still certainly ours, then ``pids``."""
+    """Signal each process group whose leader is unreaped (its id is certainly ours), then ``pids``."""
     for p in procs:
-        if p.group_is_ours():
+        if p.poll() is None:
             try:
                 os.killpg(p.pid, sig)
             except (ProcessLookupError, PermissionError):

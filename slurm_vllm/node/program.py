@@ -102,6 +102,9 @@ class NodeProgram:
             self._save_ray_logs()
         if self.temp_dir and not self.env.get(ENV_KEEP_TMP):
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+            parent = Path(self.temp_dir).parent
+            if parent.name.startswith(f"svl-u{os.getuid()}-"):  # a one-off private parent (ray_cluster)
+                shutil.rmtree(parent, ignore_errors=True)
 
     def _save_ray_logs(self) -> None:
         """On failure, keep the Ray daemons' own logs (the temp dir is node-local and removed)."""

@@ -151,11 +151,17 @@ def make_temp_dir(job_id: str, rank: int, root: str | None = None) -> str:
     """
     if root is None:
         root = "/tmp" if os.access("/tmp", os.W_OK) else tempfile.gettempdir()
-    path = f"{root}/svl-u{os.getuid()}/svl-{job_id}-{rank}"
+    parent = f"{root}/svl-u{os.getuid()}"
+    path = f"{parent}/svl-{job_id}-{rank}"
     if len(path) > TEMP_DIR_MAX:
         raise NodeError(f"Ray temp dir {path} is too long for socket paths (at most {TEMP_DIR_MAX} "
                         "characters); make /tmp writable")
-    private_dir(os.path.dirname(path))
+    try:
+        private_dir(parent)
+    except NodeError:
+        # Someone else took the name first: a fresh parent with an unpredictable name instead
+        # (created 0700 by mkdtemp), so a squatter cannot keep this user's jobs off the node.
+        path = f"{tempfile.mkdtemp(prefix=f'svl-u{os.getuid()}-', dir=root)}/svl-{job_id}-{rank}"
     shutil.rmtree(path, ignore_errors=True)  # an earlier run of this job on this node
     os.mkdir(path, 0o700)
     return path

@@ -114,7 +114,8 @@ def run_leader(args: SeedArgs, env: Mapping[str, str] | None = None) -> int:
         argv = [*launcher_argv(), "start", "--head", f"--port={args.ray_port}",
                 f"--node-ip-address={ip}", "--disable-usage-stats", *_extra_without_ip(args.extra), "--block"]
         log(f"leader: starting the Ray head on {ip}:{args.ray_port}")
-        head = OwnedProcess("ray-head", argv, renv)
+        # The head outlives this command by design (vllm serve runs after it): not tied to us.
+        head = OwnedProcess("ray-head", argv, renv, outlive_parent=True)
         os.environ.update({k: v for k, v in renv.items() if k.startswith("RAY_AUTH")})
         if not ray_cluster.wait_gcs_open(ip, args.ray_port, proc=head, timeout=args.ray_init_timeout,
                                          stopper=stopper, host=socket.gethostname()):

@@ -28,12 +28,13 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from slurm_vllm import direct_http
 from slurm_vllm import spec as spec_mod
@@ -141,20 +142,32 @@ def drain_budget(signal_grace: float) -> float:
     return max(MIN_STOP_GRACE, signal_grace - DRAIN_MARGIN - TEARDOWN_BUDGET)
 
 
-def vllm_drains_on_sigterm() -> bool:
-    """Whether the installed vLLM has ``--shutdown-timeout`` (drain on SIGTERM), read from its
-    source without importing it (an import costs seconds and the GPU libraries)."""
-    import importlib.util  # noqa: PLC0415
+def vllm_drains_on_sigterm(executable: Sequence[str]) -> bool:
+    """Whether the vLLM that ``executable`` runs has ``--shutdown-timeout`` (drain on SIGTERM).
 
+    Read from that vLLM's own source, found through the interpreter on the command's ``#!``
+    line, without importing vLLM (seconds, and the GPU libraries). Unknown (not a Python
+    script, nothing found) is False: no flag is passed that the installed vLLM might refuse.
+    """
     try:
-        found = importlib.util.find_spec("vllm")
-    except (ImportError, ValueError):
+        with open(executable[0], "rb") as f:
+            first = f.readline(512).decode(errors="replace")
+    except (OSError, IndexError):
         return False
-    if found is None or not found.submodule_search_locations:
+    if not first.startswith("#!"):
         return False
-    args = Path(list(found.submodule_search_locations)[0]) / "engine" / "arg_utils.py"
+    interpreter = first[2:].split()
+    code = ("import importlib.util as u; s = u.find_spec('vllm'); "
+            "print(list(s.submodule_search_locations)[0] if s and s.submodule_search_locations else '')")
     try:
-        return '"--shutdown-timeout"' in args.read_text(errors="replace")
+        found = subprocess.run([*interpreter, "-c", code], capture_output=True, text=True, timeout=30,
+                               check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if not found:
+        return False
+    try:
+        return '"--shutdown-timeout"' in (Path(found) / "engine" / "arg_utils.py").read_text(errors="replace")
     except OSError:
         return False
 
@@ -316,13 +329,15 @@ def wait_ready(
         stop_event.wait(poll)
 
 
-def supervise(proc: OwnedProcess, stop_event: threading.Event, poll: float = 1.0) -> Outcome:
-    """Wait while vLLM serves: until it exits or the node program is told to stop."""
+def supervise(proc: OwnedProcess, stop_event: threading.Event, poll: float = 1.0,
+              ended: Callable[[], bool] | None = None) -> Outcome:
+    """Wait while vLLM serves: until it exits, the node program is told to stop, or ``ended()``
+    says the job is over (a headless rank watching the head's state)."""
     while True:
         rc = proc.poll()
         if rc is not None:
             return Outcome("exited", returncode=rc)
-        if stop_event.wait(poll):
+        if stop_event.wait(poll) or (ended is not None and ended()):
             return Outcome("stopped")
 
 
@@ -446,18 +461,22 @@ def serve_and_watch(
 
 def _shutdown_timeout(ctx: NodeContext) -> int | None:
     """vLLM's drain on SIGTERM: the time-limit warning's lead time, where vLLM has the option."""
-    if not vllm_drains_on_sigterm():
+    if not vllm_drains_on_sigterm(vllm_executable(ctx.env or None)):
         return None
     return int(drain_budget(ctx.spec.resources.signal_grace))
 
 
-def free_api_port(ctx: NodeContext) -> int:
-    """The API port, tested again right before vLLM binds it (minutes after it was planned)."""
-    port = api_port(ctx)
+def free_port_now(ctx: NodeContext, port: int, what: str) -> int:
+    """``port``, tested again right before vLLM binds it (minutes after it was planned)."""
     if not port_is_free(port):
-        raise NodeError(f"port {port} (the vLLM API port planned for this job) on {ctx.head_host} was taken by "
-                        "another process after it was planned; resubmit, or set serve.port to a free port")
+        raise NodeError(f"port {port} ({what} port planned for this job) on {ctx.head_host} was taken by another "
+                        "process after it was planned; resubmit, or set serve.port to a free port")
     return port
+
+
+def free_api_port(ctx: NodeContext) -> int:
+    """The API port, tested again right before vLLM binds it."""
+    return free_port_now(ctx, api_port(ctx), "the vLLM API")
 
 
 def run_head_serving(ctx: NodeContext) -> int:
@@ -508,7 +527,7 @@ def wait_head_published(ctx: NodeContext, timeout: float, poll: float = 0.5) -> 
 def run_mp_node(ctx: NodeContext) -> int:
     """mp backend, on every node: rank 0 serves the API, the others run headless."""
     if ctx.rank == 0:
-        addr, mport, port = ctx.head_ip, master_port(ctx), api_port(ctx)
+        addr, mport, port = ctx.head_ip, free_port_now(ctx, master_port(ctx), "vLLM's rendezvous"), free_api_port(ctx)
     else:
         info = wait_head_published(ctx, timeout=float(ctx.spec.ray.join_timeout))
         if info is None:
@@ -531,12 +550,17 @@ def run_mp_node(ctx: NodeContext) -> int:
     log_path = mp_log_path(ctx.jobdir, ctx.rank, ctx.run.restart or 0)
     if ctx.rank == 0:
         return serve_and_watch(ctx, argv, env, ip=addr, port=port, api_key=key, log_path=log_path)
-    # A headless rank serves no API: it runs until vLLM ends or the node program stops it.
-    # (It does not notice on its own when rank 0 stops; the job's end or srun stops it.)
+    # A headless rank serves no API: it runs until vLLM ends, the node program stops it, or the
+    # head's state is final (after the time-limit drain, or any end of rank 0).
     grace = stop_grace(slurm_kill_wait())
     proc = launch(argv, env, log_path)
+
+    def head_ended() -> bool:
+        state = ctx.jobdir.read_state(ctx.run)
+        return state is not None and state.phase.final
+
     try:
-        outcome = supervise(proc, ctx.stop_event)
+        outcome = supervise(proc, ctx.stop_event, ended=head_ended)
         if outcome.kind == "stopped" or ctx.stop_event.wait(STOP_RACE_GRACE):
             stop(proc, grace)
             return 0

@@ -180,9 +180,9 @@ def test_the_ray_temp_dir_is_fresh_private_and_short(short_root):
     assert make_temp_dir("123", 1, root=str(root)) == path and os.listdir(path) == []
 
 
-def test_a_temp_dir_parent_someone_else_made_first_is_refused(short_root, tmp_path):
+def test_a_temp_dir_parent_someone_else_made_first_is_refused_and_avoided(short_root, tmp_path):
     from slurm_vllm.errors import NodeError
-    from slurm_vllm.node.ray_cluster import make_temp_dir
+    from slurm_vllm.node.ray_cluster import make_temp_dir, private_dir
 
     root = short_root
     squatted = root / f"svl-u{os.getuid()}"
@@ -191,11 +191,16 @@ def test_a_temp_dir_parent_someone_else_made_first_is_refused(short_root, tmp_pa
         pytest.skip("needs root to make a directory another user owns")
     os.chown(squatted, 4242, 4242)
     with pytest.raises(NodeError, match="belongs to uid 4242"):
-        make_temp_dir("9", 0, root=str(root))
+        private_dir(str(squatted))
+    # The job still gets a private temp dir: under a fresh parent with an unpredictable name.
+    path = Path(make_temp_dir("9", 0, root=str(root)))
+    assert path.parent != squatted and path.parent.name.startswith(f"svl-u{os.getuid()}-")
+    assert path.parent.stat().st_uid == os.getuid() and path.parent.stat().st_mode & 0o777 == 0o700
     squatted.rmdir()
     os.symlink(tmp_path, squatted)
     with pytest.raises(NodeError, match="not a directory"):
-        make_temp_dir("9", 0, root=str(root))
+        private_dir(str(squatted))
+    assert Path(make_temp_dir("9", 0, root=str(root))).parent != squatted
 
 
 def test_a_temp_dir_parent_of_ours_that_others_can_write_is_tightened(short_root):

@@ -17,12 +17,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from slurm_vllm.errors import SpecErrors
+from slurm_vllm.errors import NodeError, SpecErrors
 from slurm_vllm.jobdir import JobDir, Phase, Run
 
 ENDED, FAILED, READY = Phase.ENDED.value, Phase.FAILED.value, Phase.READY.value
@@ -237,6 +238,15 @@ def head(tmp_path: Path) -> SimpleNamespace:
     ctx = NodeContext(spec=spec, jobdir=jobdir, run=Run("4242", 0), topology=topo, ports=plan_ports("4242"), env=env,
                       stopper=Stopper(), ray_address="127.0.0.1:6380", temp_dir=str(tmp_path / "ray"))
     return SimpleNamespace(ctx=ctx, tmp=tmp_path, jobdir=jobdir)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def as_the_node_program() -> Iterator[None]:
+    """This process keeps its orphans as the node program does (a subreaper): a vLLM child
+    whose leader died is still this job's, and its stop finds it."""
+    lifecycle.become_subreaper()
+    yield
+    lifecycle.become_subreaper(False)
 
 
 @pytest.fixture(autouse=True)
@@ -511,9 +521,30 @@ def test_shutdown_timeout_is_passed_unless_the_user_set_it():
     assert "--shutdown-timeout" not in argv and argv[-1] == "--shutdown_timeout=5"
 
 
-def test_vllm_drain_support_is_read_without_importing_vllm():
-    import sys
+def test_vllm_drain_support_is_read_from_the_vllm_the_command_runs(tmp_path):
+    """The interpreter on the command's #! line decides, not this process's own packages."""
+    site = tmp_path / "site" / "vllm" / "engine"
+    site.mkdir(parents=True)
+    (site.parent / "__init__.py").write_text("raise SystemExit('imported')\n")
+    (site / "arg_utils.py").write_text('parser.add_argument("--shutdown-timeout", type=int)\n')
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nPYTHONPATH={tmp_path / 'site'} exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    vllm = tmp_path / "vllm"
+    vllm.write_text(f"#!{python}\nprint('vllm')\n")
+    assert serve.vllm_drains_on_sigterm([str(vllm)]) is True
+    (site / "arg_utils.py").write_text("# an older vLLM\n")
+    assert serve.vllm_drains_on_sigterm([str(vllm)]) is False
+    vllm.write_text("\x7fELF not a script")
+    assert serve.vllm_drains_on_sigterm([str(vllm)]) is False
+    assert serve.vllm_drains_on_sigterm([str(tmp_path / "missing")]) is False
 
-    before = "vllm" in sys.modules
-    assert isinstance(serve.vllm_drains_on_sigterm(), bool)
-    assert ("vllm" in sys.modules) == before
+
+def test_a_port_taken_since_it_was_planned_fails_with_the_port_named(head: SimpleNamespace) -> None:
+    ctx = head.ctx
+    with socket.socket() as s:
+        s.bind(("", ctx.ports.api))
+        s.listen()
+        with pytest.raises(NodeError, match=f"port {ctx.ports.api} .*taken by another process"):
+            serve.free_api_port(ctx)
+    assert serve.free_api_port(ctx) == ctx.ports.api
