@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from _bootstrap_helpers import assert_no_processes
 from conftest_cli_lab import (
+    LAB_NODES,
     PARTITION,
     cli,
     fake_python,
@@ -249,37 +250,24 @@ def _wait_status(home: Path, jid: str, ok: Any, timeout: float) -> dict[str, Any
     raise AssertionError(f"job {jid}: condition not reached in {timeout:g} s; last status {st}")
 
 
-@pytest.mark.vllm
-def test_api_submit_wait_chat_and_cancel_on_exit(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SLURM_VLLM_HOME", str(home))
-    import slurm_vllm
-
-    spec = slurm_vllm.ServeSpec(**lab_serve_kwargs())  # type: ignore[arg-type]
-    with slurm_vllm.submit(spec) as job:
-        seen: list[str] = []
-        ep = job.wait_ready(timeout=900, on_progress=lambda s: seen.append(s.phase))
-        assert seen[-1] == "READY" and ep.api_key
-        client = job.openai_client()
-        reply = client.chat.completions.create(model=ep.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
-        assert reply.choices
-    wait_gone(job.job_id, timeout=120)
-    assert job.status(force=True).phase == "ENDED"
-
-
-@pytest.mark.vllm
-def test_submitit_submit_wait_chat_cancel(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_submitit_runs_the_real_node_program_to_a_formed_cluster_and_cancel(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The submitit path with the real node program: Ray forms over both nodes under submitit's
+    own srun, and a cancel ends it with its reason and nothing left. (Serving after that is the
+    same code as on the sbatch path, which the vLLM tests below cover.)"""
     pytest.importorskip("submitit")
     monkeypatch.setenv("SLURM_VLLM_HOME", str(home))
     import slurm_vllm
 
-    spec = slurm_vllm.ServeSpec(**lab_serve_kwargs())  # type: ignore[arg-type]
-    job = slurm_vllm.submit(spec, backend="submitit")
+    kw = lab_serve_kwargs()
+    kw["env"] = {**dict(kw.get("env") or {}), "SLURM_VLLM_NODE_NO_SERVE": "1"}  # hold the formed cluster
+    job = slurm_vllm.submit(slurm_vllm.ServeSpec(**kw), backend="submitit")  # type: ignore[arg-type]
     try:
-        ep = job.wait_ready(timeout=900)
-        assert _chat(ep.base_url, ep.api_key or "", ep.model) is not None
+        st = _wait_status(home, job.job_id, lambda s: s["phase"] == "LOADING_MODEL" or s["phase"] in ("ENDED", "FAILED"), 300)
+        assert st["phase"] == "LOADING_MODEL" and st["nodes_joined"] == st["nodes_expected"] == LAB_NODES, st
     finally:
         st = job.cancel(timeout=180)
-    assert st.phase == "ENDED"
+    assert st.phase == "ENDED" and "cancelled" in (st.reason or ""), st
+    assert_no_processes(job.job_id)
 
 
 @pytest.mark.vllm
@@ -303,5 +291,7 @@ def test_notebook_runs_headless(home: Path) -> None:
     outputs = "\n".join(
         o.get("text", "") or json.dumps(o.get("data", {})) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
     )
+    # The same path as the Python API: submit, wait_ready (progress lines), openai_client, cancel.
     assert "READY" in outputs and "ENDED" in outputs, outputs[-2000:]
+    assert "STARTING_RAY" in outputs or "LOADING_MODEL" in outputs, outputs[-2000:]  # wait_ready's progress
     assert os.environ.get("SLURM_VLLM_HOME") != str(home)  # the kernel's env did not leak here
