@@ -9,74 +9,31 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from _bootstrap_helpers import (
+from tests.lab.lab import (
     assert_no_processes,
     job_nodes,
     job_processes,
     make_job,
     node_log,
     read_state,
-    require_lab,
     sbatch,
     scancel,
     squeue_state,
-    wait_running,
     wait_for,
     wait_gone,
+    wait_running,
     wrap_node_command,
 )
 
 pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def lab() -> dict[str, str]:
-    return require_lab()
-
-
-@pytest.fixture
-def workdir():
-    """Job directories outside pytest's tmp_path: concurrent pytest runs on the same machine
-    prune each other's old tmp_path trees, which would delete a running job's directory."""
-    path = Path(tempfile.mkdtemp(prefix="svl-boot-", dir=os.environ.get("SLURM_VLLM_LAB_TMP", "/tmp")))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-class Jobs(list):
-    """Job ids a test submitted, so the fixture can cancel them whatever happened."""
-
-    def start(self, script: Path) -> str:
-        """Submit ``script``, remember its id, and wait through PENDING until it runs."""
-        job = sbatch(script)
-        self.append(job)
-        wait_running(job)
-        return job
-
-
-@pytest.fixture
-def jobs(workdir: Path):
-    """Job ids a test submitted; cancelled at the end whatever happened (before its directory goes)."""
-    ids = Jobs()
-    yield ids
-    for j in ids:
-        scancel(j)
-    for j in ids:
-        try:
-            wait_gone(j, 60)
-        except AssertionError:
-            pass
 
 
 def _formed(jd, n: int):
@@ -110,7 +67,7 @@ def test_cluster_forms_with_distinct_ips_and_progress(lab, jobs, workdir: Path, 
     assert state["nodes_joined"] == state["nodes_expected"] == n and state["missing_hosts"] == []
     ips = [node["ip"] for node in state["nodes"]]
     assert len(set(ips)) == n, state["nodes"]
-    lab_ips = set(lab.get("LAB_NODE_IPS", "").split())
+    lab_ips = set(lab.node_ips)
     assert set(ips) <= lab_ips, (ips, lab_ips)
     assert {node["host"] for node in state["nodes"]} == set(job_nodes(job))
     # STARTING_RAY with k < n came before readiness; the head log shows each step.
@@ -220,7 +177,7 @@ def test_two_jobs_sharing_nodes_both_form(lab, jobs, workdir: Path) -> None:
     job's Ray worker ports (bound later, so a bind test cannot see them) apart from the first's."""
     from slurm_vllm.node.ports import SLOTS
 
-    nodes = "--nodelist=" + ",".join(lab["LAB_NODES"].split()[:2])
+    nodes = "--nodelist=" + ",".join(lab.nodes[:2])
     a = make_job(workdir, lab, nodes=2, name="share-a", gpus=1, cpus=1, mem="1G", sbatch_args=[nodes])
     b = make_job(workdir, lab, nodes=2, name="share-b", gpus=1, cpus=1, mem="1G", sbatch_args=[nodes])
     ja = sbatch(a.script)
@@ -268,7 +225,7 @@ def test_node_without_the_token_cannot_join(lab, jobs, workdir: Path) -> None:
     ray = str(Path(sys.executable).parent / "ray")
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     base.update(HOME=str(workdir), RAY_USAGE_STATS_ENABLED="0")  # no ~/.ray/auth_token either
-    host_ip = lab.get("LAB_HOST_IP", "")
+    host_ip = lab.host_ip
     tries = {
         "no token": dict(base),
         "wrong token": dict(base, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-the-job-token"),
@@ -320,13 +277,11 @@ fi'
 
 @pytest.mark.parametrize("size, expect_rc", [(2, "0"), (3, "1")])
 def test_seed_usage_leader_and_worker(lab, jobs, workdir: Path, size: int, expect_rc: str) -> None:
-    from _bootstrap_helpers import lab_venv
-
     out = workdir / f"seed{size}"
     out.mkdir()
     script = out / "seed.sbatch"
-    script.write_text(SEED_SCRIPT.format(partition=lab.get("LAB_PARTITION", "debug"), out=out,
-                                         venv=lab_venv(lab), size=size, timeout=25))
+    script.write_text(SEED_SCRIPT.format(partition=lab.partition, out=out,
+                                         venv=lab.venv, size=size, timeout=25))
     job = jobs.start(script)
     t0 = time.monotonic()
     rc = wait_for(lambda: (out / "leader-rc").exists() and (out / "leader-rc").read_text().strip(), 120,

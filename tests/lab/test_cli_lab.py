@@ -10,21 +10,20 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _bootstrap_helpers import assert_no_processes
-from conftest_cli_lab import (
+
+from tests.lab.lab import (
     LAB_NODES,
-    PARTITION,
+    Lab,
+    assert_no_processes,
     cli,
     fake_python,
     lab_serve_flags,
     lab_serve_kwargs,
-    require_lab,
-    scancel_quietly,
+    scancel,
     squeue_me,
     wait_gone,
 )
@@ -32,18 +31,6 @@ from conftest_cli_lab import (
 pytestmark = pytest.mark.lab
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Iterator[Path]:
-    """A jobs root of its own; every job submitted from it is cancelled afterwards."""
-    require_lab()
-    h = tmp_path / "home"
-    yield h
-    for jid_file in (h / "jobs").glob("*/job_id") if (h / "jobs").exists() else []:
-        jid = jid_file.read_text().strip()
-        if jid:
-            scancel_quietly(jid)
 
 
 def _job_id(out: str) -> str:
@@ -70,9 +57,9 @@ def test_bad_partition_exit_3_with_slurms_message_and_nothing_queued(home: Path)
     assert list((home / "jobs").iterdir()) == []  # a refused submission leaves nothing behind
 
 
-def test_node_program_failure_exit_4_with_reason_and_log(home: Path, tmp_path: Path) -> None:
+def test_node_program_failure_exit_4_with_reason_and_log(lab: Lab, home: Path, tmp_path: Path) -> None:
     py = fake_python(tmp_path, 'echo "simulated node failure: cannot import vllm" >&2\nexit 1')
-    proc = cli(["submit", "org/model", "--partition", PARTITION, "--nodes", "2", "--gpus-per-node", "1",
+    proc = cli(["submit", "org/model", "--partition", lab.partition, "--nodes", "2", "--gpus-per-node", "1",
                 "--python", py, "--time", "00:05:00", "--wait", "--timeout", "120"], home, timeout=180)
     assert proc.returncode == 4, (proc.stdout, proc.stderr)
     jid = _job_id(proc.stdout)
@@ -84,10 +71,10 @@ def test_node_program_failure_exit_4_with_reason_and_log(home: Path, tmp_path: P
     assert st.returncode == 0 and data["phase"] == "FAILED" and data["job_id"] == jid
 
 
-def test_hand_submitted_rendered_script_is_followed(home: Path, tmp_path: Path) -> None:
+def test_hand_submitted_rendered_script_is_followed(lab: Lab, home: Path, tmp_path: Path) -> None:
     py = fake_python(tmp_path, "sleep 300")
     script = tmp_path / "serve.sbatch"
-    r = cli(["render", "org/model", "--partition", PARTITION, "--nodes", "2", "--gpus-per-node", "1",
+    r = cli(["render", "org/model", "--partition", lab.partition, "--nodes", "2", "--gpus-per-node", "1",
              "--python", py, "--time", "00:05:00", "-o", str(script)], home)
     assert r.returncode == 0, r.stderr
     # submitted by hand, exactly as a user would
@@ -119,15 +106,15 @@ def test_hand_submitted_rendered_script_is_followed(home: Path, tmp_path: Path) 
         after = json.loads(cli(["status", jid, "--json"], home).stdout)
         assert after["phase"] == "ENDED" and "cancelled" in after["reason"]
     finally:
-        scancel_quietly(jid)
+        scancel(jid)
 
 
-def test_api_submit_status_cancel_with_a_stand_in_node_program(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_api_submit_status_cancel_with_a_stand_in_node_program(lab: Lab, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLURM_VLLM_HOME", str(home))
     import slurm_vllm
 
     py = fake_python(tmp_path, "sleep 300")
-    spec = slurm_vllm.ServeSpec("org/model", nodes=1, gpus_per_node=1, partition=PARTITION, python=py, time="00:05:00")
+    spec = slurm_vllm.ServeSpec("org/model", nodes=1, gpus_per_node=1, partition=lab.partition, python=py, time="00:05:00")
     with slurm_vllm.submit(spec) as job:
         assert job.job_id and (job.job_dir / "job_id").read_text().strip() == job.job_id
         again = slurm_vllm.attach(job.job_id)
@@ -138,12 +125,12 @@ def test_api_submit_status_cancel_with_a_stand_in_node_program(home: Path, tmp_p
     assert job.status(force=True).phase == "ENDED"
 
 
-def test_submitit_path_uses_the_same_job_dir_and_handle(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_submitit_path_uses_the_same_job_dir_and_handle(lab: Lab, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("submitit")
     monkeypatch.setenv("SLURM_VLLM_HOME", str(home))
     import slurm_vllm
 
-    spec = slurm_vllm.ServeSpec("org/model", nodes=2, gpus_per_node=1, partition=PARTITION, time="00:05:00")
+    spec = slurm_vllm.ServeSpec("org/model", nodes=2, gpus_per_node=1, partition=lab.partition, time="00:05:00")
     job = slurm_vllm.submit(spec, backend="submitit")
     try:
         script = (job.job_dir / "job.sbatch").read_text()
@@ -177,8 +164,8 @@ def _chat(base_url: str, api_key: str, model: str) -> str:
 
 
 @pytest.mark.vllm
-def test_cli_submit_wait_endpoint_chat_cancel(home: Path) -> None:
-    proc = cli(["submit", *lab_serve_flags(), "--wait", "--timeout", "900"], home, timeout=960)
+def test_cli_submit_wait_endpoint_chat_cancel(lab: Lab, home: Path) -> None:
+    proc = cli(["submit", *lab_serve_flags(lab), "--wait", "--timeout", "900"], home, timeout=960)
     assert proc.returncode == 0, (proc.stdout, proc.stderr[-3000:])
     jid = _job_id(proc.stdout)
     assert "READY http://" in proc.stdout
@@ -250,7 +237,7 @@ def _wait_status(home: Path, jid: str, ok: Any, timeout: float) -> dict[str, Any
     raise AssertionError(f"job {jid}: condition not reached in {timeout:g} s; last status {st}")
 
 
-def test_submitit_runs_the_real_node_program_to_a_formed_cluster_and_cancel(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_submitit_runs_the_real_node_program_to_a_formed_cluster_and_cancel(lab: Lab, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The submitit path with the real node program: Ray forms over both nodes under submitit's
     own srun, and a cancel ends it with its reason and nothing left. (Serving after that is the
     same code as on the sbatch path, which the vLLM tests below cover.)"""
@@ -258,7 +245,7 @@ def test_submitit_runs_the_real_node_program_to_a_formed_cluster_and_cancel(home
     monkeypatch.setenv("SLURM_VLLM_HOME", str(home))
     import slurm_vllm
 
-    kw = lab_serve_kwargs()
+    kw = lab_serve_kwargs(lab)
     kw["env"] = {**dict(kw.get("env") or {}), "SLURM_VLLM_NODE_NO_SERVE": "1"}  # hold the formed cluster
     job = slurm_vllm.submit(slurm_vllm.ServeSpec(**kw), backend="submitit")  # type: ignore[arg-type]
     try:
@@ -271,13 +258,13 @@ def test_submitit_runs_the_real_node_program_to_a_formed_cluster_and_cancel(home
 
 
 @pytest.mark.vllm
-def test_notebook_runs_headless(home: Path) -> None:
+def test_notebook_runs_headless(lab: Lab, home: Path) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(DOCS / "notebook.ipynb", as_version=4)
     params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1, "the notebook has one cell tagged 'parameters'"
-    kw = lab_serve_kwargs()
+    kw = lab_serve_kwargs(lab)
     model = kw.pop("model")
     params[0].source = (
         "import os\n"

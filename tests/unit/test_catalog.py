@@ -1,6 +1,6 @@
 """Readers that answer truthfully: requeues, ended jobs, forgotten jobs, stray files; list and cleanup.
 
-Slurm is replaced at the runner boundary (conftest_cli.FakeSlurm); the job directories are real.
+Slurm is replaced at the runner boundary (tests/unit/fake_slurm.py); the job directories are real.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest_cli import FakeSlurm, fail, ok
+from tests.unit.fake_slurm import FakeSlurm, fail, ok
 
 from slurm_vllm import cli, slurm
 from slurm_vllm import job as jobmod

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest_cli import FakeSlurm, fail, ok
+from tests.unit.fake_slurm import FakeSlurm, fail, ok
 
 from slurm_vllm import job as jobmod
 from slurm_vllm import slurm

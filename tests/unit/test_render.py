@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest_spec import (
+from tests.unit.script_checks import (
     bash_n,
     hostile,
     make_stub,

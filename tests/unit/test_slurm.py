@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
-from conftest_cli import FIXTURES, FakeSlurm, fail, fixture, ok, timeout_exc
+from tests.unit.fake_slurm import FIXTURES, FakeSlurm, fail, fixture, ok, timeout_exc
 
 from slurm_vllm import slurm
 from slurm_vllm.errors import SlurmCommandError

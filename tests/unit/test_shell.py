@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest_spec import sbatch_parse_line
+from tests.unit.script_checks import sbatch_parse_line
 from slurm_vllm import shell
 from slurm_vllm.render import Quoted, UnquotedValueError, make_environment
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 
 import pytest
 
@@ -260,3 +262,86 @@ def test_ray_env_retries_local_connections_in_short_steps_with_the_same_budget()
                                interface=None, token_path=None)
     assert site["RAY_raylet_client_num_connect_attempts"] == "40"
     assert "RAY_raylet_client_connect_timeout_milliseconds" not in site  # a site's own setting wins whole
+
+
+# --- the Ray temp dir: private, fresh, short; stale ones swept
+
+
+def test_sweep_removes_only_old_dirs_of_jobs_no_longer_running(tmp_path):
+    import time as _t
+
+    from slurm_vllm.node.ray_cluster import sweep_stale_temp_dirs
+
+    old, running, young, other = (tmp_path / n for n in ("svl-11-0", "svl-12-1", "svl-13-0", "svl-x-y"))
+    for d in (old, running, young, other):
+        d.mkdir()
+        (d / "f").write_text("x")
+    past = _t.time() - 3600
+    for d in (old, running, other):
+        os.utime(d, (past, past))
+    removed = sweep_stale_temp_dirs({"12"}, root=str(tmp_path))
+    assert removed == [str(old)]
+    assert not old.exists() and running.exists() and young.exists() and other.exists()
+
+
+@pytest.fixture
+def short_root():
+    """A short directory under /tmp (pytest's tmp_path is too long for a socket-path budget)."""
+    import shutil
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="t", dir="/tmp")
+    yield Path(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_ray_temp_dir_is_fresh_private_and_short(short_root):
+    from slurm_vllm.node.ray_cluster import TEMP_DIR_MAX, make_temp_dir
+
+    root = short_root
+    path = make_temp_dir("123", 1, root=str(root))
+    assert path == f"{root}/svl-u{os.getuid()}/svl-123-1" and len(path) <= TEMP_DIR_MAX
+    parent = os.path.dirname(path)
+    assert os.stat(parent).st_mode & 0o777 == 0o700 and os.stat(path).st_mode & 0o777 == 0o700
+    (Path(path) / "left-by-an-earlier-run").write_text("x")
+    assert make_temp_dir("123", 1, root=str(root)) == path and os.listdir(path) == []
+
+
+def test_a_temp_dir_parent_someone_else_made_first_is_refused_and_avoided(short_root, tmp_path):
+    from slurm_vllm.errors import NodeError
+    from slurm_vllm.node.ray_cluster import make_temp_dir, private_dir
+
+    root = short_root
+    squatted = root / f"svl-u{os.getuid()}"
+    squatted.mkdir(mode=0o777)
+    if os.getuid() != 0:
+        pytest.skip("needs root to make a directory another user owns")
+    os.chown(squatted, 4242, 4242)
+    with pytest.raises(NodeError, match="belongs to uid 4242"):
+        private_dir(str(squatted))
+    # The job still gets a private temp dir: under a fresh parent with an unpredictable name.
+    path = Path(make_temp_dir("9", 0, root=str(root)))
+    assert path.parent != squatted and path.parent.name.startswith(f"svl-u{os.getuid()}-")
+    assert path.parent.stat().st_uid == os.getuid() and path.parent.stat().st_mode & 0o777 == 0o700
+    squatted.rmdir()
+    os.symlink(tmp_path, squatted)
+    with pytest.raises(NodeError, match="not a directory"):
+        private_dir(str(squatted))
+    assert Path(make_temp_dir("9", 0, root=str(root))).parent != squatted
+
+
+def test_a_temp_dir_parent_of_ours_that_others_can_write_is_tightened(short_root):
+    from slurm_vllm.node.ray_cluster import make_temp_dir
+
+    (short_root / f"svl-u{os.getuid()}").mkdir(mode=0o777)
+    os.chmod(short_root / f"svl-u{os.getuid()}", 0o777)
+    make_temp_dir("9", 0, root=str(short_root))
+    assert os.stat(short_root / f"svl-u{os.getuid()}").st_mode & 0o777 == 0o700
+
+
+def test_too_long_a_temp_dir_is_refused(tmp_path):
+    from slurm_vllm.errors import NodeError
+    from slurm_vllm.node.ray_cluster import make_temp_dir
+
+    with pytest.raises(NodeError, match="too long for socket paths"):
+        make_temp_dir("1", 0, root=str(tmp_path / ("x" * 40)))
