@@ -19,11 +19,10 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from slurm_vllm.errors import SlurmCommandError, SlurmVllmError
+from slurm_vllm.errors import ExitCode, SlurmCommandError, SlurmVllmError, SpecError
 
 NODE_COMMANDS = ("leader", "worker", "node")
 
-EXIT_OK, EXIT_USAGE, EXIT_SLURM, EXIT_FAILED, EXIT_TIMEOUT = 0, 2, 3, 4, 5
 
 EPILOG = """\
 exit codes: 0 ok, 2 bad usage or spec, 3 Slurm refused or failed, 4 job failed or ended before
@@ -124,11 +123,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         _print_explain(rows)
     if args.dry_run:
         sys.stdout.write(api.render(spec, template=getattr(args, "template", None)))
-        return EXIT_OK
+        return ExitCode.OK
     job = api.submit(spec, backend=args.via, template=getattr(args, "template", None))
     if args.json and not args.wait:
         _print_json({"job_id": job.job_id, "job_dir": str(job.job_dir)})
-        return EXIT_OK
+        return ExitCode.OK
     if not args.json:
         print(f"Submitted job {job.job_id}", flush=True)
         print(f"job directory: {job.job_dir}", flush=True)
@@ -136,7 +135,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return _wait(job, args.timeout, args.json, quiet=args.json)
     if not args.json:
         _err(f"follow it with: slurm-vllm wait {job.job_id}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -154,7 +153,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(script)
     _err(f"job directory: {jobdir.path} (submit with: sbatch {args.output or jobdir.script})")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -171,7 +170,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{s.job_id}\t{s.summary()}")
             if s.log_tail and s.phase == "FAILED":
                 print("  " + s.log_tail.replace("\n", "\n  "))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _wait(job: Any, timeout: float | None, as_json: bool, quiet: bool = False) -> int:
@@ -189,7 +188,7 @@ def _wait(job: Any, timeout: float | None, as_json: bool, quiet: bool = False) -
     else:
         print(f"READY {ep.base_url}  model={ep.model}")
         _err(f'use it with: eval "$(slurm-vllm endpoint {job.job_id} --env)"')
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -209,7 +208,7 @@ def cmd_endpoint(args: argparse.Namespace) -> int:
             print(f"export {k}={shell.quote(v)}")
     else:
         print(ep.base_url)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -221,13 +220,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
         except KeyboardInterrupt:
-            return EXIT_OK
-        return EXIT_OK
+            return ExitCode.OK
+        return ExitCode.OK
     text = job.logs(node, tail=args.tail, attempt=args.attempt)
     if not text:
         _err(f"{job.log_path(node, args.attempt)}: nothing logged yet")
     sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -237,7 +236,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         _print_json(st.to_dict())
     else:
         print(f"{job.job_id}\t{st.summary()}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -254,16 +253,16 @@ def cmd_list(args: argparse.Namespace) -> int:
         })
     if args.json:
         _print_json(rows)
-        return EXIT_OK
+        return ExitCode.OK
     if not rows:
         _err("no queued or running slurm_vllm jobs" + ("" if args.all else " (--all: ended ones too)"))
-        return EXIT_OK
+        return ExitCode.OK
     print("JOBID\tNAME\tMODEL\tPHASE\tSLURM\tNODES\tELAPSED\tURL/REASON\tJOB DIR")
     for r in rows:
         print("\t".join(str(x) for x in (
             r["job_id"], r["name"], r["model"] or "", r["phase"], r["slurm_state"], r["nodes"] or "",
             r["elapsed"], r["url"] or r["reason"] or "", r["job_dir"])))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
@@ -273,13 +272,13 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     if args.json:
         _print_json([{"job_id": r.job_id, "job_dir": str(r.path), "phase": r.phase,
                       "age_days": round(r.age_days, 2), "removed": not args.dry_run} for r in removed])
-        return EXIT_OK
+        return ExitCode.OK
     verb = "would remove" if args.dry_run else "removed"
     for r in removed:
         print(f"{verb}\t{r.job_id or '-'}\t{r.phase}\t{r.age_days:.1f} days\t{r.path}")
     if not removed:
         _err("nothing to clean up (only ended jobs' directories are removed)")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,12 +391,30 @@ def _show_warnings() -> None:
         logger.setLevel(logging.WARNING)
 
 
-def _split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Everything after the first ``--`` goes to ``vllm serve`` verbatim."""
-    if "--" in argv:
-        i = argv.index("--")
-        return argv[:i], argv[i + 1:]
-    return argv, []
+#: Options of this tool that vLLM does not have: after ``--`` they are a mistake (a
+#: ``-- --dry-run`` would really submit), never an argument meant for ``vllm serve``.
+TOOL_ONLY_OPTIONS = frozenset({"--dry-run", "--wait", "--timeout", "--json", "--explain", "-o", "--output",
+                               "--config", "--profile", "--template", "--job-dir", "--debug", "--quiet"})
+
+
+def split_vllm_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split ``argv`` at the first ``--``: our arguments, then vLLM's, passed through verbatim.
+
+    One of this tool's own options after ``--`` is refused (SpecError) instead of being handed
+    to vLLM.
+    """
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    ours, theirs = argv[:i], argv[i + 1:]
+    for k, arg in enumerate(theirs):
+        name = arg.split("=", 1)[0]
+        if name in TOOL_ONLY_OPTIONS:
+            raise SpecError(f"extra_args[{k}]", arg, f"put {name} before --: everything after -- goes to "
+                                                     "vllm serve, and this is an option of slurm_vllm",
+                            problem="is not a vLLM option")
+    return ours, theirs
 
 
 def _dispatch_node(command: str, rest: list[str]) -> int:
@@ -412,7 +429,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] in NODE_COMMANDS:
         return _dispatch_node(args_list[0], args_list[1:])
-    head, extra = _split_extra(args_list)
+    try:
+        head, extra = split_vllm_args(args_list)
+    except SpecError as exc:
+        _err(f"error: {exc}")
+        return exc.exit_code
     parser = build_parser()
     args = parser.parse_args(head)
     if extra and args.command not in ("submit", "render"):
@@ -420,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.extra_args = extra
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     _show_warnings()
     try:
         return args.func(args)
@@ -434,17 +455,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         _err("interrupted")
-        return 130
+        return 128 + 2  # as a shell reports SIGINT
     except (FileNotFoundError, PermissionError, ValueError) as exc:
         if args.debug:
             traceback.print_exc()
         _err(f"error: {exc}")
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except Exception as exc:  # noqa: BLE001 - last resort: one line, traceback on request
         if args.debug:
             traceback.print_exc()
         _err(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
-        return 1
+        return ExitCode.ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,7 +6,19 @@ Each class also subclasses the matching builtin, so callers who catch ``ValueErr
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import Any
+
+
+class ExitCode(IntEnum):
+    """The CLI's exit codes: the one table (docs/cli.md shows it)."""
+
+    OK = 0
+    ERROR = 1  #: anything else (a bug, an endpoint asked for too early)
+    USAGE = 2  #: bad input, nothing submitted; or no such job
+    SLURM = 3  #: Slurm refused, or the job waits for what will never come
+    JOB_FAILED = 4  #: the job FAILED or ENDED
+    TIMEOUT = 5  #: waiting ran out; the job goes on
 
 #: Longest value an error message shows; the rest is cut (a value may be a whole file).
 SHOWN_VALUE_CHARS = 120
@@ -25,7 +37,7 @@ def shown(value: Any) -> str:
 class SlurmVllmError(Exception):
     """Root of every error this package raises on purpose."""
 
-    exit_code = 1
+    exit_code = ExitCode.ERROR
 
 
 class SpecError(SlurmVllmError, ValueError):
@@ -35,7 +47,7 @@ class SpecError(SlurmVllmError, ValueError):
     three.
     """
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
     def __init__(self, field: str, value: Any, fix: str, problem: str | None = None) -> None:
         self.field = field
@@ -48,7 +60,7 @@ class SpecError(SlurmVllmError, ValueError):
 class SpecErrors(SlurmVllmError, ValueError):
     """Several spec errors at once: users fix a file faster when they see every problem."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
     def __init__(self, errors: list[SpecError]) -> None:
         self.errors = errors
@@ -58,7 +70,7 @@ class SpecErrors(SlurmVllmError, ValueError):
 class SlurmCommandError(SlurmVllmError, RuntimeError):
     """A Slurm command failed or refused; keeps Slurm's own words."""
 
-    exit_code = 3
+    exit_code = ExitCode.SLURM
 
     def __init__(self, argv: list[str], returncode: int | None, stderr: str) -> None:
         self.argv = list(argv)
@@ -71,13 +83,13 @@ class SlurmCommandError(SlurmVllmError, RuntimeError):
 class JobNotFoundError(SlurmVllmError, LookupError):
     """No job directory or Slurm job matches what the user named."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class JobFailedError(SlurmVllmError, RuntimeError):
     """The job failed or ended before it became ready."""
 
-    exit_code = 4
+    exit_code = ExitCode.JOB_FAILED
 
     def __init__(self, job_id: str | None, phase: str, reason: str, log_tail: str = "") -> None:
         self.job_id = job_id
@@ -100,7 +112,7 @@ class JobEndedError(JobFailedError):
 class WaitTimeoutError(SlurmVllmError, TimeoutError):
     """Waiting for readiness ran past the caller's timeout; the job itself goes on."""
 
-    exit_code = 5
+    exit_code = ExitCode.TIMEOUT
 
 
 class JobBlockedError(SlurmVllmError, RuntimeError):
@@ -110,16 +122,16 @@ class JobBlockedError(SlurmVllmError, RuntimeError):
     refusal by Slurm.
     """
 
-    exit_code = 3
+    exit_code = ExitCode.SLURM
 
 
 class EndpointNotReadyError(SlurmVllmError, RuntimeError):
     """The endpoint was asked for before the job published one."""
 
-    exit_code = 1
+    exit_code = ExitCode.ERROR
 
 
 class NodeError(SlurmVllmError, RuntimeError):
     """A failure inside the job on a compute node; the message names the node and the cause."""
 
-    exit_code = 1
+    exit_code = ExitCode.ERROR

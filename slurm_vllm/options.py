@@ -81,15 +81,6 @@ def add_spec_options(parser: argparse.ArgumentParser, model_required: bool = Fal
         group.add_argument(*flags, dest=field, default=S, **kwargs)
 
 
-def split_vllm_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Split ``argv`` at the first ``--``: our arguments, then vLLM's, passed through verbatim."""
-    argv = list(argv)
-    if "--" in argv:
-        i = argv.index("--")
-        return argv[:i], argv[i + 1:]
-    return argv, []
-
-
 def _parse_env(items: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     errors = []

@@ -109,6 +109,16 @@ def test_dry_run_prints_script_and_submits_nothing(tmp_path: Path, capsys: pytes
     assert not (tmp_path / "home").exists(), "a dry run writes nothing"
 
 
+@pytest.mark.parametrize("trap", ["--dry-run", "--wait", "--json", "--config=x.yaml", "-o", "--job-dir=/j", "--timeout"])
+def test_the_tools_own_options_after_the_double_dash_are_refused(trap: str, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`submit MODEL -- --dry-run` would really submit, with --dry-run handed to vLLM."""
+    fake = FakeSlurm(sbatch=ok(["sbatch"], "4242\n"))
+    rc, out, err = run_cli(["submit", "org/m", "--partition", "debug", "--", "--max-model-len", "64", trap], fake, capsys)
+    assert rc == 2 and out == "" and fake.calls == []
+    assert f"put {trap.split('=')[0]} before --" in err and "extra_args[2]" in err
+
+
 def test_submit_prints_id_and_dir_and_records_job_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fake = FakeSlurm(sbatch=ok(["sbatch"], "4242\n"))
     rc, out, _ = run_cli(["submit", "org/m", "--partition", "debug"], fake, capsys)

@@ -437,7 +437,8 @@ def test_check_spec_after_in_place_edit():
 def test_cli_flags_build_the_same_spec(tmp_path):
     import argparse
 
-    from slurm_vllm.options import add_spec_options, format_explain, spec_from_args, split_vllm_args
+    from slurm_vllm.cli import split_vllm_args
+    from slurm_vllm.options import add_spec_options, format_explain, spec_from_args
 
     parser = argparse.ArgumentParser()
     add_spec_options(parser)
