@@ -29,12 +29,37 @@ if TYPE_CHECKING:
     from slurm_vllm.job import Endpoint, Job, JobBlockedError, JobStatus
     from slurm_vllm.spec import ServeSpec
 
+__version__ = "0.1.0"
+
+#: The public API (tests/unit/test_packaging.py checks that it and _EXPORTS agree).
+__all__ = [
+    "Endpoint",
+    "EndpointNotReadyError",
+    "Job",
+    "JobBlockedError",
+    "JobEndedError",
+    "JobFailedError",
+    "JobNotFoundError",
+    "JobStatus",
+    "ServeSpec",
+    "SlurmCommandError",
+    "SlurmVllmError",
+    "SpecError",
+    "SpecErrors",
+    "WaitTimeoutError",
+    "__version__",
+    "attach",
+    "render",
+    "submit",
+]
+
 #: Public name -> the module that defines it. Imported on first use, so the compute-node entries
 #: (``python -m slurm_vllm.node...``) do not load the spec model and pydantic when they need neither.
 _EXPORTS = {
     **dict.fromkeys(("attach", "render", "submit"), "slurm_vllm.api"),
-    **dict.fromkeys(("EndpointNotReadyError", "JobEndedError", "JobFailedError", "JobNotFoundError", "SlurmCommandError", "SlurmVllmError",
-                     "SpecError", "SpecErrors", "WaitTimeoutError"), "slurm_vllm.errors"),
+    **dict.fromkeys(("EndpointNotReadyError", "JobEndedError", "JobFailedError", "JobNotFoundError",
+                     "SlurmCommandError", "SlurmVllmError", "SpecError", "SpecErrors", "WaitTimeoutError"),
+                    "slurm_vllm.errors"),
     **dict.fromkeys(("Endpoint", "Job", "JobBlockedError", "JobStatus"), "slurm_vllm.job"),
     "ServeSpec": "slurm_vllm.spec",
 }
@@ -51,8 +76,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
-
-
-__version__ = "0.1.0"
-
-__all__ = [*sorted(_EXPORTS), "__version__"]

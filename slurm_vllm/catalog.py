@@ -167,7 +167,7 @@ def cleanup(older_than_days: float = 0.0, dry_run: bool = False, root: Path | No
     dirs = [d for d in dirs if d.is_ours and os.path.realpath(d.path) not in live]
     jobs = [Job(d.read_job_id(), d, poller=poller) for d in dirs]
     submitted = [j for j in jobs if j.job_id]
-    phases = {id(j): s for j, s in zip(submitted, statuses(submitted, poller=poller))}
+    phases = {id(j): s for j, s in zip(submitted, statuses(submitted, poller=poller), strict=True)}
     now = time.time()
     out = []
     for j in jobs:

@@ -202,7 +202,8 @@ def cmd_endpoint(args: argparse.Namespace) -> int:
     job.status()
     ep = job.endpoint  # raises for a job that is over (exit 4) or not serving yet (exit 1)
     if args.json:
-        _print_json({"base_url": ep.base_url, "model": ep.model, "api_key": ep.api_key, "host": ep.host, "port": ep.port, "job_id": job.job_id})
+        _print_json({"base_url": ep.base_url, "model": ep.model, "api_key": ep.api_key, "host": ep.host,
+                     "port": ep.port, "job_id": job.job_id})
     elif args.env:
         for k, v in ep.env().items():
             print(f"export {k}={shell.quote(v)}")

@@ -235,7 +235,8 @@ def combine(
             status.nodes_joined = 0
             status.reason = "job started; node programs starting"
         if cat is slurm.Category.SUSPENDED:
-            status.reason = f"{sjob.state.meaning if sjob else 'suspended'}" + (f"; {status.reason}" if status.reason else "")
+            meaning = sjob.state.meaning if sjob else "suspended"
+            status.reason = meaning + (f"; {status.reason}" if status.reason else "")
         return status
 
     if cat.final:
@@ -317,7 +318,8 @@ class Job:
     script that fails does not leave GPUs allocated.
     """
 
-    def __init__(self, job_id: str | None, job_dir: str | os.PathLike[str] | JobDir, poller: slurm.Poller | None = None) -> None:
+    def __init__(self, job_id: str | None, job_dir: str | os.PathLike[str] | JobDir,
+                 poller: slurm.Poller | None = None) -> None:
         self.jobdir = job_dir if isinstance(job_dir, JobDir) else JobDir(Path(job_dir))
         self.job_id = str(job_id) if job_id is not None else self.jobdir.read_job_id()
         self._poller = poller or slurm.POLLER
@@ -532,7 +534,8 @@ class Job:
             ("job dir", st.job_dir),
         ]
         body = "".join(
-            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows if v
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+            for k, v in rows if v
         )
         return f"<table><caption>slurm_vllm job</caption>{body}</table>"
 

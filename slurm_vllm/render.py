@@ -93,7 +93,7 @@ def _package_template(name: str) -> str:
 def make_environment() -> jinja2.Environment:
     """The one Jinja2 environment: packaged templates, StrictUndefined, quoting enforced."""
     env = jinja2.Environment(
-        loader=jinja2.FunctionLoader(lambda name: _package_template(name)),
+        loader=jinja2.FunctionLoader(_package_template),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         finalize=_finalize,

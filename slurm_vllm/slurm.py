@@ -367,7 +367,8 @@ class SlurmJob:
 #: "never cut", and each field but the last ends with the separator.
 SQUEUE_FIELDS = ("JobID", "State", "Reason", "Name", "NumNodes", "NodeList", "TimeUsed", "TimeLimit",
                  "Comment", "RestartCnt", "WorkDir")
-SACCT_FIELDS = ("JobID", "State", "Reason", "JobName", "NNodes", "NodeList", "Elapsed", "Timelimit", "ExitCode", "WorkDir")
+SACCT_FIELDS = ("JobID", "State", "Reason", "JobName", "NNodes", "NodeList", "Elapsed", "Timelimit", "ExitCode",
+                "WorkDir")
 
 
 def _int_or_none(text: str) -> int | None:
@@ -548,8 +549,8 @@ def kill_wait(timeout: float = 5.0) -> float | None:
 
 def parse_sbatch_parsable(stdout: str) -> str:
     """``sbatch --parsable`` prints ``ID`` or ``ID;CLUSTER``; return the id."""
-    for line in stdout.splitlines():
-        line = line.strip()
+    for raw in stdout.splitlines():
+        line = raw.strip()
         if line:
             jid = line.split(";", 1)[0].strip()
             if jid.isdigit():

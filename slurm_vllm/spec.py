@@ -19,13 +19,11 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from contextvars import ContextVar
-
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
-                      model_validator)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from slurm_vllm import shell
 from slurm_vllm.errors import SpecError, SpecErrors, cut
@@ -117,7 +115,8 @@ class ResourcesSection(_Section):
     gpus_per_node: int = Field(default=1, description="GPUs per node (#SBATCH --gpus-per-node); 0 for CPU-only nodes.")
     cpus_per_task: int | None = Field(default=None, description="CPUs for the one task per node (--cpus-per-task).")
     mem: str | None = Field(default=None, description="Memory per node, Slurm syntax such as 64G (--mem).")
-    time: Annotated[str | None, BeforeValidator(_time_value)] = Field(default=None, description="Time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.")
+    time: Annotated[str | None, BeforeValidator(_time_value)] = Field(
+        default=None, description="Time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.")
     partition: str | None = Field(default=None, description="Slurm partition (--partition).")
     account: str | None = Field(default=None, description="Slurm account (--account).")
     qos: str | None = Field(default=None, description="Slurm QOS (--qos).")
@@ -145,7 +144,8 @@ class ParallelSection(_Section):
 class RaySection(_Section):
     """Deadlines for forming the Ray cluster inside the job."""
 
-    join_timeout: float = Field(default=300.0, description="A worker gives up joining the head after this many seconds.")
+    join_timeout: float = Field(default=300.0,
+                                description="A worker gives up joining the head after this many seconds.")
     cluster_timeout: float = Field(default=600.0, description="The head gives up waiting for all nodes after this.")
 
 
@@ -170,7 +170,8 @@ class EnvironmentSection(_Section):
     container_binds: list[str] = Field(
         default_factory=list, description="Extra --bind SRC[:DST[:OPTS]] for the container."
     )
-    env: Annotated[dict[str, str], BeforeValidator(_env_value)] = Field(default_factory=dict, description="Environment variables to export.")
+    env: Annotated[dict[str, str], BeforeValidator(_env_value)] = Field(
+        default_factory=dict, description="Environment variables to export.")
     python: str = Field(default="python3", description="Python that runs `-m slurm_vllm node` on each node.")
 
 
@@ -178,7 +179,8 @@ class ServeSection(_Section):
     """The HTTP endpoint vLLM serves."""
 
     port: int | None = Field(default=None, description="vLLM API port; default: chosen per job on the head node.")
-    api_key: StrictBool = Field(default=True, description="Require an API key (generated per job); --no-api-key turns it off.")
+    api_key: StrictBool = Field(
+        default=True, description="Require an API key (generated per job); --no-api-key turns it off.")
     ready_timeout: float = Field(
         default=3600.0, description="Seconds the head waits for vLLM to load and answer before giving up."
     )
@@ -287,10 +289,10 @@ def normalize(data: Mapping[str, Any]) -> dict[str, Any]:
         seen[key] = given_as
         out.setdefault(section, {})[field] = value
 
-    for raw_key, value in data.items():
+    for raw_key, given in data.items():
         key = str(raw_key)
-        if isinstance(value, BaseModel):  # a section object (assignment, or a copied spec)
-            value = value.model_dump()
+        # A section object (assignment, or a copied spec) counts as its fields.
+        value = given.model_dump() if isinstance(given, BaseModel) else given
         if key == "model":
             if isinstance(value, Mapping):
                 for sub, v in value.items():
@@ -346,11 +348,11 @@ def _put_section_field(section: str, sub: str, value: Any, put: Any, errors: lis
 def _absolutize(out: dict[str, Any]) -> None:
     model = out.get("model", {})
     name = model.get("name")
-    if isinstance(name, str) and name and "\n" not in name and "\x00" not in name:
-        # A relative path that exists here is what vLLM would load too; pin it down.
-        if _looks_local(name) or ("/" in name and not name.startswith("/") and os.path.isdir(name)
-                                  and os.path.exists(os.path.join(name, "config.json"))):
-            model["name"] = _absolute(name)
+    # A relative path that exists here is what vLLM would load too; pin it down.
+    if isinstance(name, str) and name and shell.line_problem(name) is None and (
+            _looks_local(name) or ("/" in name and not name.startswith("/") and os.path.isdir(name)
+                                   and os.path.exists(os.path.join(name, "config.json")))):
+        model["name"] = _absolute(name)
     env = out.get("environment", {})
     for key in ("venv",):
         if isinstance(env.get(key), str) and env[key]:
@@ -491,10 +493,6 @@ class ServeSpec(_Section):
         """True when the model is a path on the shared filesystem rather than a hub id."""
         return self.model.name.startswith("/")
 
-    def to_json_dict(self) -> dict[str, Any]:
-        """The ``spec.json`` form: ``model_dump(mode="json")``."""
-        return self.model_dump(mode="json")
-
 
 def _convert(exc: ValidationError) -> SpecErrors:
     """Turn pydantic's error report into our SpecErrors, keeping SpecErrors raised inside."""
@@ -538,7 +536,7 @@ def _fix_for_type(field: str, msg: str) -> str:
         return "use 'ray' (default) or 'mp'"
     if field == "container_runtime":
         return "use 'apptainer' (default) or 'singularity'"
-    name = field.split(".")[-1].split("[")[0]
+    name = field.rsplit(".", maxsplit=1)[-1].split("[", maxsplit=1)[0]
     if field == "model":
         return "give a hub id like org/name or a local path"
     if name in FLAT_NAMES:

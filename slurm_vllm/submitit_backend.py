@@ -126,7 +126,8 @@ def submit(spec: Any, jobdir: JobDir) -> str:
     try:
         import submitit  # noqa: PLC0415 - optional path; heavy-ish import
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise SpecError("backend", "submitit", "install submitit (pip install submitit) or use backend='sbatch'") from exc
+        raise SpecError("backend", "submitit",
+                        "install submitit (pip install submitit) or use backend='sbatch'") from exc
 
     folder = jobdir.path / "submitit"
     folder.mkdir(mode=0o700, exist_ok=True)

@@ -111,7 +111,7 @@ class Head:
     def _serving_step(self, ctx: NodeContext) -> int:
         """Hand the formed cluster to vLLM (serve.py), or hold it when serving is switched off."""
         if self.p.env.get(ENV_NO_SERVE) == "1":
-            return hold(ctx, "serving is switched off (%s=1): holding the cluster" % ENV_NO_SERVE)
+            return hold(ctx, f"serving is switched off ({ENV_NO_SERVE}=1): holding the cluster")
         try:
             from slurm_vllm.node import serve  # the vLLM step; imported late: it pulls in more
         except ImportError:

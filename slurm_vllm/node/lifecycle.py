@@ -238,7 +238,8 @@ class OwnedProcess:
         self.argv = list(argv)
         self.popen = subprocess.Popen(self.argv, env=dict(env), stdout=stdout, stderr=subprocess.STDOUT,
                                       stdin=stdin, start_new_session=True, cwd=cwd, pass_fds=tuple(pass_fds),
-                                      preexec_fn=_child_setup(die_with_parent=not outlive_parent))
+                                      # only prctl/signal through a preloaded libc: see _child_setup
+                                      preexec_fn=_child_setup(die_with_parent=not outlive_parent))  # noqa: PLW1509
         self.pid = self.popen.pid
         self.started = time.monotonic()
 

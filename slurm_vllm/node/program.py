@@ -132,7 +132,7 @@ class NodeProgram:
             if self.stopper.stopped:
                 failed, reason = self.stopper.failed, self.stopper.reason or "stopped"
             else:
-                failed, reason = rc != 0, ("serving step exited with code %d" % rc if rc else "serving ended")
+                failed, reason = rc != 0, (f"serving step exited with code {rc}" if rc else "serving ended")
         except NodeError as e:
             failed, reason = True, str(e)
             if self.topo is not None and any(p.poll() not in (None, 0) for p in self.owned):

@@ -32,9 +32,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Mapping, Sequence
 
 from slurm_vllm import direct_http
 from slurm_vllm import spec as spec_mod

@@ -264,7 +264,7 @@ class Lab:
     def node_namespaces(self) -> dict[str, str]:
         """PID-namespace id -> node name, from each node's PID 1 (tini) recorded by the lab."""
         spaces: dict[str, str] = {}
-        for node, pid in zip(self.nodes, self.node_pids):
+        for node, pid in zip(self.nodes, self.node_pids, strict=False):
             ns = _ns(pid, "pid")
             if ns is not None:
                 spaces[ns] = node
@@ -301,7 +301,7 @@ def _node_of_pid() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         return {}
     spaces = {}
-    for node, pid in zip(env.get("LAB_NODES", "").split(), env.get("LAB_NODE_PIDS", "").split()):
+    for node, pid in zip(env.get("LAB_NODES", "").split(), env.get("LAB_NODE_PIDS", "").split(), strict=False):
         ns = _ns(int(pid), "pid")
         if ns is not None:
             spaces[ns] = node

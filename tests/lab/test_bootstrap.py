@@ -76,7 +76,7 @@ def test_cluster_forms_with_distinct_ips_and_progress(lab, jobs, workdir: Path, 
     head_log = node_log(jd, 0)
     assert f"nodes {n}/{n}" in head_log and "ray cluster ready" in head_log
     for r in range(1, n):  # a worker confirms its own join a poll after the head counts it
-        wait_for(lambda: "joined the Ray cluster" in node_log(jd, r), 15, f"node {r} to log its join")
+        wait_for(lambda r=r: "joined the Ray cluster" in node_log(jd, r), 15, f"node {r} to log its join")
     print(f"{n} nodes formed in {took:.1f}s from job start; progress {seen}")
     scancel(job)
     wait_gone(job)
@@ -107,7 +107,7 @@ def _log_with(jd: Any, rank: int, text: str) -> str | None:
 def test_workers_started_before_a_delayed_head_still_join(lab, jobs, workdir: Path) -> None:
     jd = make_job(workdir, lab, nodes=3, name="late-head", join_timeout=90)
     script = wrap_node_command(jd, 'if [ "$SLURM_NODEID" = 0 ]; then sleep 25; fi')
-    job = jobs.start(script)
+    jobs.start(script)
     state = wait_for(_formed(jd, 3), 180, "cluster with a late head")
     published = float(__import__("json").loads(jd.head.read_text())["published_at"])
     ready = state["updated_at"]
@@ -219,7 +219,7 @@ except Exception as e:
 
 def test_node_without_the_token_cannot_join(lab, jobs, workdir: Path) -> None:
     jd = make_job(workdir, lab, nodes=2, name="token")
-    job = jobs.start(jd.script)
+    jobs.start(jd.script)
     state = wait_for(_formed(jd, 2), 150, "2-node cluster")
     address = state["ray_address"]
     ray = str(Path(sys.executable).parent / "ray")

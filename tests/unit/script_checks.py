@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 #: What C's isspace() accepts in sbatch's parser (bytes, C locale): ASCII whitespace only.
 _C_SPACE = " \t\n\v\f\r"
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.unit.fake_slurm import FakeSlurm, fail, ok
 
 from slurm_vllm import cli, slurm
 from slurm_vllm import job as jobmod
@@ -19,6 +18,7 @@ from slurm_vllm.catalog import cleanup, list_jobs
 from slurm_vllm.errors import EndpointNotReadyError, JobEndedError, JobFailedError
 from slurm_vllm.job import Job, combine
 from slurm_vllm.jobdir import EndpointRecord, JobDir, Phase, Run, write_json, write_state
+from tests.unit.fake_slurm import FakeSlurm, fail, ok
 
 US = slurm.SEP
 

@@ -9,10 +9,10 @@ import types
 from pathlib import Path
 
 import pytest
-from tests.unit.fake_slurm import FakeSlurm, fail, ok
 
 from slurm_vllm import cli, slurm
 from slurm_vllm.jobdir import JobDir, Run, write_json, write_state
+from tests.unit.fake_slurm import FakeSlurm, fail, ok
 
 US = slurm.SEP
 HEAVY = ("ray", "vllm", "submitit", "openai", "rich", "torch", "jinja2")
@@ -116,7 +116,7 @@ def test_the_tools_own_options_after_the_double_dash_are_refused(trap: str, tmp_
     fake = FakeSlurm(sbatch=ok(["sbatch"], "4242\n"))
     rc, out, err = run_cli(["submit", "org/m", "--partition", "debug", "--", "--max-model-len", "64", trap], fake, capsys)
     assert rc == 2 and out == "" and fake.calls == []
-    assert f"put {trap.split('=')[0]} before --" in err and "extra_args[2]" in err
+    assert f"put {trap.split('=', maxsplit=1)[0]} before --" in err and "extra_args[2]" in err
 
 
 def test_submit_prints_id_and_dir_and_records_job_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

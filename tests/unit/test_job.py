@@ -8,13 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.unit.fake_slurm import FakeSlurm, fail, ok
 
 from slurm_vllm import job as jobmod
 from slurm_vllm import slurm
 from slurm_vllm.errors import JobFailedError, JobNotFoundError, WaitTimeoutError
 from slurm_vllm.job import Job, JobBlockedError, combine
 from slurm_vllm.jobdir import JobDir, Run, write_json, write_state
+from tests.unit.fake_slurm import FakeSlurm, fail, ok
 
 US = slurm.SEP
 

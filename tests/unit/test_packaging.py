@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -110,3 +111,25 @@ def test_shell_scripts_pass_shellcheck(script: str) -> None:
     subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
     proc = subprocess.run([shellcheck_command(), str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_the_public_api_is_one_literal_list_and_every_public_error_is_in_it() -> None:
+    import inspect
+
+    import slurm_vllm
+    from slurm_vllm import errors
+
+    assert sorted(slurm_vllm.__all__) == sorted([*slurm_vllm._EXPORTS, "__version__"])
+    for name in slurm_vllm.__all__:
+        assert getattr(slurm_vllm, name) is not None
+    raised_to_users = {n for n, obj in vars(errors).items()
+                       if inspect.isclass(obj) and issubclass(obj, errors.SlurmVllmError) and n != "NodeError"}
+    assert raised_to_users <= set(slurm_vllm.__all__) | {"JobBlockedError"}, raised_to_users - set(slurm_vllm.__all__)
+
+
+def test_the_code_passes_its_own_ruff_configuration() -> None:
+    """pyproject.toml's [tool.ruff] is the style contract; the lab venv brings ruff along."""
+    ruff = shutil.which("ruff") or shutil.which("ruff", path=str(Path(sys.executable).parent))
+    assert ruff, "ruff is missing: scripts/lab/setup-venv installs it with the test tools"
+    proc = subprocess.run([ruff, "check", "slurm_vllm", "tests"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]

@@ -21,6 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from slurm_vllm import shell
+from slurm_vllm.errors import SpecError, SpecErrors
+from slurm_vllm.jobdir import JobDir
+from slurm_vllm.render import UnquotedValueError, prepare_job, render_script
+from slurm_vllm.spec import ServeSpec, load_spec_json
 from tests.unit.script_checks import (
     bash_n,
     hostile,
@@ -30,11 +35,6 @@ from tests.unit.script_checks import (
     sbatch_options,
     shellcheck,
 )
-from slurm_vllm import shell
-from slurm_vllm.errors import SpecError, SpecErrors
-from slurm_vllm.jobdir import JobDir
-from slurm_vllm.render import UnquotedValueError, prepare_job, render_script
-from slurm_vllm.spec import ServeSpec, load_spec_json
 
 GOLDEN = Path(__file__).parent / "golden"
 JOB_DIR = "/scratch/alice/slurm_vllm/jobs/demo-20260101-120000"
@@ -196,7 +196,7 @@ def test_hostile_srun_gets_exact_argv(hostile_run):
 
 def test_hostile_env_values_byte_for_byte(hostile_run):
     rec = read_nul(hostile_run["record"] / "srun.env")
-    env = dict(zip(rec[::2], rec[1::2]))
+    env = dict(zip(rec[::2], rec[1::2], strict=True))
     assert env["HOSTILE"] == hostile_run["h"]
     assert env["EMPTY"] == "" and env["PLAIN"] == "x"
     assert env["SLURM_VLLM_JOB_DIR"] == str(hostile_run["jobdir"].path)
@@ -270,7 +270,7 @@ def test_prepare_job_validates_before_writing(tmp_path):
     spec = ServeSpec("org/M", job_dir=str(tmp_path / "jd"))
     spec.resources.nodes = 2  # in-place edit that breaks TP x PP (2 nodes x 1 GPU, TP 1, PP 2 ok)
     spec.parallel.pipeline_parallel_size = 1
-    with pytest.raises(Exception):
+    with pytest.raises(SpecErrors, match="does not use the allocation"):
         prepare_job(spec)
     assert not (tmp_path / "jd").exists()
 

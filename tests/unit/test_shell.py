@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.script_checks import sbatch_parse_line
 from slurm_vllm import shell
 from slurm_vllm.render import Quoted, UnquotedValueError, make_environment
+from tests.unit.script_checks import sbatch_parse_line
 
 # One line of text: anything but newline, carriage return, NUL (refused) and lone surrogates
 # (not encodable, so never in a real argv).

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.unit.fake_slurm import FIXTURES, FakeSlurm, fail, fixture, ok, timeout_exc
 
 from slurm_vllm import slurm
 from slurm_vllm.errors import SlurmCommandError
 from slurm_vllm.slurm import Category, ReasonKind, parse_reason, parse_state
+from tests.unit.fake_slurm import FIXTURES, FakeSlurm, fail, fixture, ok, timeout_exc
 
 # --------------------------------------------------------------------------------------------
 # runner

@@ -621,7 +621,7 @@ def test_a_yaml_alias_bomb_is_refused_fast_with_a_short_message(tmp_path):
     import time
 
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    for prev, name in zip("abcdefgh", "bcdefghi"):
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
         lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
     cfg = tmp_path / "bomb.yaml"
     cfg.write_text("\n".join(lines) + "\nmodel: org/M\nextra_args: *i\n")

@@ -11,6 +11,7 @@ import pytest
 
 from slurm_vllm.jobdir import JobDir
 
+
 def test_submitit_parameters_make_the_expected_script(tmp_path: Path) -> None:
     submitit = pytest.importorskip("submitit")
     import shutil

@@ -6,8 +6,8 @@ import threading
 
 from slurm_vllm.jobdir import JobDir, Run
 from slurm_vllm.node import serve
-from slurm_vllm.node.lifecycle import Stopper
 from slurm_vllm.node.context import NodeContext
+from slurm_vllm.node.lifecycle import Stopper
 from slurm_vllm.node.ports import plan_ports
 from slurm_vllm.node.topology import Topology
 from slurm_vllm.spec import ServeSpec

@@ -7,7 +7,6 @@ import signal
 import sys
 import time
 
-
 from slurm_vllm.node import lifecycle
 from slurm_vllm.node.lifecycle import OwnedProcess, Stopper, terminate
 

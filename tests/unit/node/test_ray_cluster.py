@@ -40,7 +40,7 @@ def test_backoff_grows_to_cap_with_jitter():
     b = Backoff(initial=0.2, factor=2.0, cap=2.0, rng=random.Random(1))
     delays = [b.next_delay() for _ in range(8)]
     nominal = [0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0, 2.0]
-    for d, n in zip(delays, nominal):
+    for d, n in zip(delays, nominal, strict=True):
         assert n / 2 <= d <= n
     assert delays[3] > delays[0]
     assert len(set(delays)) == len(delays)  # jitter: no two equal
@@ -188,7 +188,7 @@ def test_join_probes_the_gcs_port_with_growing_backoff_then_hands_over_once(monk
     at, left = starts[0]
     assert opened_at <= at <= opened_at + 0.5  # within one capped probe step of the head opening
     assert left == pytest.approx(100 - at)  # the launcher waits for the head within our deadline
-    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
     assert gaps[0] < gaps[3] <= 0.5
 
 
@@ -205,7 +205,7 @@ def test_join_retries_launchers_that_exit_then_gives_up_naming_the_head(monkeypa
     with pytest.raises(HeadUnreachable, match=r"could not join head gpu01 at 10.0.0.1:4321 within 30s .*exited with code 1"):
         join(clock, start, timeout=30, backoff=Backoff(rng=random.Random(0), cap=5.0))
     assert len(starts) >= 4
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     assert gaps[-1] > gaps[0]
     assert 30 <= clock.t <= 36
 

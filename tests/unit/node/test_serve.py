@@ -25,14 +25,14 @@ import pytest
 
 from slurm_vllm.errors import NodeError, SpecErrors
 from slurm_vllm.jobdir import JobDir, Phase, Run
-
-ENDED, FAILED, READY = Phase.ENDED.value, Phase.FAILED.value, Phase.READY.value
 from slurm_vllm.node import lifecycle, serve
 from slurm_vllm.node.context import NodeContext
 from slurm_vllm.node.lifecycle import Stopper
 from slurm_vllm.node.ports import plan_ports
 from slurm_vllm.node.topology import Topology
 from slurm_vllm.spec import ServeSpec
+
+ENDED, FAILED, READY = Phase.ENDED.value, Phase.FAILED.value, Phase.READY.value
 
 KEY = "s3cret-key-for-tests"
 
