@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from slurm_vllm.api import attach, render, submit
     from slurm_vllm.errors import (
         EndpointNotReadyError,
+        JobBlockedError,
         JobEndedError,
         JobFailedError,
         JobNotFoundError,
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
         SpecErrors,
         WaitTimeoutError,
     )
-    from slurm_vllm.job import Endpoint, Job, JobBlockedError, JobStatus
+    from slurm_vllm.job import Endpoint, Job, JobStatus
     from slurm_vllm.spec import ServeSpec
 
 __version__ = "0.1.0"
@@ -57,10 +58,10 @@ __all__ = [
 #: (``python -m slurm_vllm.node...``) do not load the spec model and pydantic when they need neither.
 _EXPORTS = {
     **dict.fromkeys(("attach", "render", "submit"), "slurm_vllm.api"),
-    **dict.fromkeys(("EndpointNotReadyError", "JobEndedError", "JobFailedError", "JobNotFoundError",
+    **dict.fromkeys(("EndpointNotReadyError", "JobBlockedError", "JobEndedError", "JobFailedError", "JobNotFoundError",
                      "SlurmCommandError", "SlurmVllmError", "SpecError", "SpecErrors", "WaitTimeoutError"),
                     "slurm_vllm.errors"),
-    **dict.fromkeys(("Endpoint", "Job", "JobBlockedError", "JobStatus"), "slurm_vllm.job"),
+    **dict.fromkeys(("Endpoint", "Job", "JobStatus"), "slurm_vllm.job"),
     "ServeSpec": "slurm_vllm.spec",
 }
 

@@ -26,7 +26,7 @@ def _as_spec(spec: ServeSpec | str, options: dict[str, Any]) -> ServeSpec:
         if options:
             raise TypeError("give options either in the ServeSpec or as keywords, not both")
         return spec
-    return ServeSpec(spec, **options)  # type: ignore[call-arg]  # flat names, mapped by the spec
+    return ServeSpec(spec, **options)  # flat names, mapped by the spec
 
 
 def render(spec: ServeSpec | str, template: str | os.PathLike[str] | None = None, **options: Any) -> str:

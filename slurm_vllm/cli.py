@@ -445,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.USAGE
     _show_warnings()
     try:
-        return args.func(args)
+        return int(args.func(args))
     except SlurmVllmError as exc:
         if args.debug:
             traceback.print_exc()

@@ -439,7 +439,7 @@ class ServeSpec(_Section):
             super().__setattr__(field_name, getattr(new, field_name))
 
     @classmethod
-    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> ServeSpec:  # type: ignore[override]
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> ServeSpec:
         """Validate a mapping (flat or sectioned); errors come out as :class:`SpecErrors`.
 
         ``context={"check_paths": False}`` skips the checks of local files (for ``spec.json``
@@ -1012,7 +1012,7 @@ def _expanded_size(data: Any, limit: int = MAX_FILE_VALUES) -> int:
     return count
 
 
-def _yaml_loader() -> type:
+def _yaml_loader() -> Any:
     """PyYAML's safe loader, minus YAML 1.1's base-60, hex, octal and underscored numbers:
     ``time: 1:30:00`` stays the text 1:30:00 instead of the integer 5400. Plain integers and
     decimals are still numbers."""
@@ -1020,19 +1020,17 @@ def _yaml_loader() -> type:
 
     int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 
-    class SpecLoader(yaml.SafeLoader):
-        pass
-
-    SpecLoader.yaml_implicit_resolvers = {
+    loader: Any = type("SpecLoader", (yaml.SafeLoader,), {})
+    loader.yaml_implicit_resolvers = {
         first: [(tag, rx) for tag, rx in resolvers if tag not in (int_tag, float_tag)]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
     # Plain decimal integers only: 0x10, 0o17 and 1_000 stay the text written.
-    SpecLoader.add_implicit_resolver(int_tag, re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789"))
-    SpecLoader.add_implicit_resolver(
+    loader.add_implicit_resolver(int_tag, re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789"))
+    loader.add_implicit_resolver(
         float_tag, re.compile(r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
                               r"|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
-    return SpecLoader
+    return loader
 
 
 def _load_yaml(text: str) -> Any:

@@ -26,7 +26,7 @@ def node_main(argv: Sequence[str]) -> int:
     return run_node(args.job_dir)
 
 
-def _number(value: str, flag: str, kind: type) -> int | float:
+def _number(value: str, flag: str, kind: type[int] | type[float]) -> int | float:
     try:
         return kind(value)
     except ValueError:

@@ -133,3 +133,13 @@ def test_the_code_passes_its_own_ruff_configuration() -> None:
     assert ruff, "ruff is missing: scripts/lab/setup-venv installs it with the test tools"
     proc = subprocess.run([ruff, "check", "slurm_vllm", "tests"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_the_package_is_mypy_strict_clean() -> None:
+    """pyproject.toml's [tool.mypy] (strict) is the typing contract; the lab venv brings mypy."""
+    import importlib.util
+
+    assert importlib.util.find_spec("mypy"), "mypy is missing: scripts/lab/setup-venv installs it with the test tools"
+    proc = subprocess.run([sys.executable, "-m", "mypy", "slurm_vllm"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
