@@ -27,6 +27,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from slurm_vllm import shell
 from slurm_vllm.errors import SpecError, SpecErrors, cut
+from slurm_vllm.vllm_args import check_extra_args
 
 _TRUE_WORDS, _FALSE_WORDS = ("true", "1"), ("false", "0")
 
@@ -599,44 +600,6 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _IFACE_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 _RESERVED_ENV = {"SLURM_VLLM_JOB_DIR"}
 
-#: vLLM flags the node program sets itself. Value: the spec field that decides it, or None when
-#: the tool alone decides it (then the flag is always refused in extra_args).
-OWNED_VLLM_FLAGS: dict[str, str | None] = {
-    "--tensor-parallel-size": "tensor_parallel_size",
-    "-tp": "tensor_parallel_size",
-    "--pipeline-parallel-size": "pipeline_parallel_size",
-    "-pp": "pipeline_parallel_size",
-    "--distributed-executor-backend": "backend",
-    "--port": "port",
-    "--served-model-name": "served_name",
-    "--host": None,
-    "--api-key": None,
-    "--nnodes": None,
-    "--node-rank": None,
-    "--master-addr": None,
-    "--master-port": None,
-    "--headless": None,
-    "-n": None,
-    "-r": None,
-    "--model": None,
-    "--config": None,
-}
-
-_OWNED_FIX = {
-    "--host": "remove it: the head binds the address on which the other nodes reach it",
-    "--api-key": "remove it: a key is generated per job (set api_key / --no-api-key instead)",
-    "--nnodes": "remove it: set nodes (the node program passes --nnodes for the mp backend)",
-    "--node-rank": "remove it: each node's rank comes from Slurm",
-    "--master-addr": "remove it: the head's address comes from Slurm",
-    "--master-port": "remove it: the port is planned per job",
-    "--headless": "remove it: non-zero ranks run headless on their own with the mp backend",
-    "--model": "remove it: set model (the positional MODEL)",
-    "--config": "remove it and pass the options themselves: a vLLM config file could set the flags "
-                "the tool owns (the API key among them)",
-    "-n": "remove it: set nodes (the node program passes --nnodes for the mp backend)",
-    "-r": "remove it: each node's rank comes from Slurm",
-}
-
 #: sbatch options a user may add with sbatch_args; the rest are either set by the tool from spec
 #: fields or would break the job's contract (output files, working directory, environment).
 SBATCH_ALLOWED = frozenset({
@@ -875,83 +838,6 @@ def check_sbatch_args(args: list[str]) -> list[SpecError]:
         elif shell.job_separator(arg):
             errors.append(SpecError(field, arg, "remove 'hetjob'/'packjob' from the value",
                                     problem="cannot be written on an #SBATCH line"))
-    return errors
-
-
-def _vllm_flag(arg: str) -> tuple[str, str | None]:
-    """Split ``--flag=value`` and name the flag as vLLM's parser does: ``--flag_name`` is
-    ``--flag-name``, and ``--flag.key=v`` / ``--flag+=v`` (its JSON and list forms) set ``--flag``."""
-    name, eq, value = arg.partition("=")
-    if name.startswith("--"):
-        name = "--" + name[2:].replace("_", "-")
-        name = name.split(".", 1)[0].rstrip("+")
-    return name, (value if eq else None)
-
-
-def owned_flag(arg: str) -> tuple[str, str | None] | None:
-    """The tool-owned vLLM flag ``arg`` would set, read as vLLM's argparse reads it, and the value
-    it carries; None when it sets none of them.
-
-    argparse accepts any unambiguous prefix of a long option (``--api-k`` is ``--api-key``) and
-    a short option glued to its value (``-n2``). A prefix of an owned flag is refused even when
-    vLLM would find it ambiguous: it is never needed, and the flag can be written in full.
-    """
-    if not arg.startswith("-") or arg in ("-", "--"):
-        return None
-    name, value = _vllm_flag(arg)
-    if name in OWNED_VLLM_FLAGS:
-        return name, value
-    if name.startswith("--"):
-        if len(name) > 2:
-            prefixed = [flag for flag in OWNED_VLLM_FLAGS if flag.startswith("--") and flag.startswith(name)]
-            if prefixed:
-                return min(prefixed, key=len), value
-        return None
-    # A single dash: "-t" abbreviates "-tp"; "-n2" is "-n 2".
-    prefixed = [flag for flag in OWNED_VLLM_FLAGS if not flag.startswith("--") and flag.startswith(name)]
-    if prefixed and len(name) > 1:
-        return min(prefixed, key=len), value
-    glued = name[:2]
-    if glued in OWNED_VLLM_FLAGS and len(name) > 2:
-        return glued, name[2:] if value is None else f"{name[2:]}={value}"
-    return None
-
-
-def check_extra_args(spec: ServeSpec) -> list[SpecError]:
-    """Refuse extra vLLM args that the node program passes itself.
-
-    They are refused even when they repeat the spec's value: the node program builds these flags
-    from the spec and refuses duplicates at start, so letting one through here would only move
-    the failure into the job.
-    """
-    errors: list[SpecError] = []
-    args = spec.model.extra_args
-    decided: dict[str, Any] = {
-        "tensor_parallel_size": spec.tensor_parallel_size,
-        "pipeline_parallel_size": spec.pipeline_parallel_size,
-        "backend": spec.backend, "port": spec.serve.port, "served_name": spec.model.served_name,
-    }
-    i = 0
-    while i < len(args):
-        found = owned_flag(args[i])
-        field = f"extra_args[{i}]"
-        if found is not None:
-            name, value = found
-            given, shown_arg = args[i].partition("=")[0], args[i]
-            if value is None and name != "--headless" and i + 1 < len(args):
-                shown_arg = f"{args[i]} {args[i + 1]}"
-                i += 1
-            spelled = "" if _vllm_flag(given)[0] == name else f" (vLLM reads {given} as {name})"
-            owner = OWNED_VLLM_FLAGS[name]
-            if owner is None:
-                errors.append(SpecError(field, shown_arg, _OWNED_FIX[name] + spelled, problem="is set by the tool"))
-            else:
-                now = decided[owner]
-                errors.append(SpecError(
-                    field, shown_arg,
-                    f"remove it and set {owner} instead (now {now if now is not None else 'unset'}); "
-                    f"the node program passes {name} itself{spelled}", problem="is set by the tool"))
-        i += 1
     return errors
 
 

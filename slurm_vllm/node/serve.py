@@ -26,9 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -37,13 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slurm_vllm import direct_http
-from slurm_vllm import spec as spec_mod
-from slurm_vllm.errors import NodeError, SpecErrors
+from slurm_vllm.errors import NodeError
 from slurm_vllm.jobdir import EndpointRecord, HeadRecord, JobDir, Phase, Run, tail_lines, write_state
 from slurm_vllm.node.context import NodeContext
 from slurm_vllm.node.lifecycle import TEARDOWN_GRACE, TIME_LIMIT, OwnedProcess, slurm_kill_wait, stop
 from slurm_vllm.node.ports import port_is_free
-from slurm_vllm.spec import ServeSpec
+from slurm_vllm.vllm_args import build_serve_argv, vllm_drains_on_sigterm, vllm_executable
 
 #: How many lines of vLLM's log go into state.json when it fails.
 LOG_TAIL_LINES = 30
@@ -62,76 +59,6 @@ STOP_RACE_GRACE = 2.0
 # --------------------------------------------------------------------------- command line
 
 
-def check_extra_args(spec: ServeSpec) -> None:
-    """Refuse extra vLLM arguments that fight the flags set here (the spec refuses them first;
-    this is the last guard before a process starts, for specs edited after validation)."""
-    errors = spec_mod.check_extra_args(spec)
-    if errors:
-        raise SpecErrors(errors)
-
-
-def vllm_executable(env: Mapping[str, str] | None = None) -> list[str]:
-    """The ``vllm`` command: from PATH (the job's venv/container), else next to this Python."""
-    path = (env or os.environ).get("PATH")
-    found = shutil.which("vllm", path=path)
-    if found:
-        return [found]
-    beside = Path(sys.executable).with_name("vllm")
-    if beside.exists():
-        return [str(beside)]
-    return ["vllm"]
-
-
-def build_serve_argv(
-    spec: ServeSpec,
-    *,
-    host: str,
-    port: int,
-    backend: str | None = None,
-    nnodes: int = 1,
-    node_rank: int = 0,
-    master_addr: str | None = None,
-    master_port: int | None = None,
-    executable: Sequence[str] = ("vllm",),
-    shutdown_timeout: int | None = None,
-) -> list[str]:
-    """The ``vllm serve`` argv for one node; no secret appears in it.
-
-    ``backend`` ``ray``: one command on the head. ``mp``: one command per node, ranks other
-    than 0 headless (they serve no API; rank 0 does). ``shutdown_timeout``: how long vLLM lets
-    in-flight requests finish after SIGTERM (``--shutdown-timeout``), unless the user set it.
-    """
-    backend = backend or spec.backend
-    check_extra_args(spec)
-    tp, pp = spec.tensor_parallel_size, spec.pipeline_parallel_size
-    argv = [*executable, "serve", spec.model.name]
-    argv += ["--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
-    if backend == "ray":
-        argv += ["--distributed-executor-backend", "ray"]
-    elif backend == "mp":
-        if master_addr is None or master_port is None:
-            raise ValueError("the mp backend needs master_addr and master_port")
-        argv += [
-            "--nnodes", str(nnodes),
-            "--node-rank", str(node_rank),
-            "--master-addr", master_addr,
-            "--master-port", str(master_port),
-        ]
-        if node_rank != 0:
-            argv.append("--headless")
-    else:
-        raise ValueError(f"unknown backend {backend!r}")
-    if backend == "ray" or node_rank == 0:
-        argv += ["--host", host, "--port", str(port)]
-        if spec.model.served_name:
-            argv += ["--served-model-name", spec.model.served_name]
-    user_args = list(spec.model.extra_args)
-    if shutdown_timeout and not any(a.split("=", 1)[0].replace("_", "-") == "--shutdown-timeout" for a in user_args):
-        argv += ["--shutdown-timeout", str(shutdown_timeout)]
-    argv += user_args
-    return argv
-
-
 #: Seconds kept back from the time-limit warning's lead time for Ray's teardown and the state.
 DRAIN_MARGIN = 10.0
 
@@ -140,36 +67,6 @@ def drain_budget(signal_grace: float) -> float:
     """How long in-flight requests may run on after the time-limit warning (SIGUSR2 arrives
     ``signal_grace`` seconds before the end): the lead time, less the teardown and a margin."""
     return max(MIN_STOP_GRACE, signal_grace - DRAIN_MARGIN - TEARDOWN_BUDGET)
-
-
-def vllm_drains_on_sigterm(executable: Sequence[str]) -> bool:
-    """Whether the vLLM that ``executable`` runs has ``--shutdown-timeout`` (drain on SIGTERM).
-
-    Read from that vLLM's own source, found through the interpreter on the command's ``#!``
-    line, without importing vLLM (seconds, and the GPU libraries). Unknown (not a Python
-    script, nothing found) is False: no flag is passed that the installed vLLM might refuse.
-    """
-    try:
-        with open(executable[0], "rb") as f:
-            first = f.readline(512).decode(errors="replace")
-    except (OSError, IndexError):
-        return False
-    if not first.startswith("#!"):
-        return False
-    interpreter = first[2:].split()
-    code = ("import importlib.util as u; s = u.find_spec('vllm'); "
-            "print(list(s.submodule_search_locations)[0] if s and s.submodule_search_locations else '')")
-    try:
-        found = subprocess.run([*interpreter, "-c", code], capture_output=True, text=True, timeout=30,
-                               check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return False
-    if not found:
-        return False
-    try:
-        return '"--shutdown-timeout"' in (Path(found) / "engine" / "arg_utils.py").read_text(errors="replace")
-    except OSError:
-        return False
 
 
 def serve_env(
