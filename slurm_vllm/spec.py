@@ -27,6 +27,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from slurm_vllm import shell
 from slurm_vllm.errors import SpecError, SpecErrors, cut
+from slurm_vllm.sbatch_options import check_sbatch_args
 from slurm_vllm.vllm_args import check_extra_args
 
 _TRUE_WORDS, _FALSE_WORDS = ("true", "1"), ("false", "0")
@@ -600,28 +601,6 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _IFACE_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 _RESERVED_ENV = {"SLURM_VLLM_JOB_DIR"}
 
-#: sbatch options a user may add with sbatch_args; the rest are either set by the tool from spec
-#: fields or would break the job's contract (output files, working directory, environment).
-SBATCH_ALLOWED = frozenset({
-    "mail-type", "mail-user", "reservation", "gres", "gpus", "gpus-per-task", "gpu-bind", "gpu-freq",
-    "cpus-per-gpu", "mem-per-cpu", "mem-per-gpu", "nodelist", "exclude", "begin", "dependency",
-    "requeue", "no-requeue", "hold", "licenses", "clusters", "wckey", "priority", "nice", "switches",
-    "time-min", "deadline", "tmp", "sockets-per-node", "cores-per-socket", "threads-per-core",
-    "hint", "mem-bind", "cpu-freq", "network", "core-spec", "thread-spec", "kill-on-invalid-dep",
-    "spread-job", "contiguous", "mincpus", "bb", "bbf", "container", "uid", "gid", "prefer",
-    "cluster-constraint", "delay-boot", "distribution", "extra-node-info", "power", "profile",
-    "propagate", "reboot", "oversubscribe", "get-user-env", "no-kill",
-})
-
-#: sbatch options the tool sets from a spec field: refused in sbatch_args with the field to set.
-SBATCH_FROM_FIELD = {
-    "job-name": "job_name", "nodes": "nodes", "gpus-per-node": "gpus_per_node",
-    "cpus-per-task": "cpus_per_task", "mem": "mem", "time": "time", "partition": "partition",
-    "account": "account", "qos": "qos", "constraint": "constraint", "exclusive": "exclusive",
-    "signal": "signal_grace", "chdir": "job_dir", "output": "job_dir", "error": "job_dir",
-}
-
-
 def _effective(spec: ServeSpec) -> tuple[int, int]:
     return spec.tensor_parallel_size, spec.pipeline_parallel_size
 
@@ -812,32 +791,6 @@ def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
 
     if check_paths:
         errors.extend(check_paths_exist(spec))
-    return errors
-
-
-def check_sbatch_args(args: list[str]) -> list[SpecError]:
-    """Each extra sbatch option must be ``--name[=value]`` with ``name`` on the allow-list."""
-    errors: list[SpecError] = []
-    for i, arg in enumerate(args):
-        field = f"sbatch_args[{i}]"
-        if not arg.startswith("--"):
-            errors.append(SpecError(field, arg, "write each option in long form, --option=value",
-                                    problem="is not a long option"))
-            continue
-        name = arg[2:].split("=", 1)[0]
-        if name in SBATCH_FROM_FIELD:
-            errors.append(SpecError(field, arg, f"set {SBATCH_FROM_FIELD[name]} instead",
-                                    problem="is set by the tool"))
-        elif name not in SBATCH_ALLOWED:
-            close = difflib.get_close_matches(name, sorted(SBATCH_ALLOWED), n=1, cutoff=0.7)
-            hint = f" (did you mean --{close[0]}?)" if close else ""
-            errors.append(SpecError(
-                field, arg,
-                f"use one of the allowed sbatch options{hint}; --ntasks, --export, --output and the like "
-                f"would break the job's layout", problem="is not an allowed sbatch option"))
-        elif shell.job_separator(arg):
-            errors.append(SpecError(field, arg, "remove 'hetjob'/'packjob' from the value",
-                                    problem="cannot be written on an #SBATCH line"))
     return errors
 
 

@@ -374,3 +374,28 @@ def test_a_model_path_that_cannot_be_bound_is_refused(tmp_path):
     image.write_text("x")
     with pytest.raises(SpecErrors, match="model=.*cannot be bound"):
         unchecked(model="/models/a:b", container=str(image))
+
+
+# --- the #SBATCH table (sbatch_options.py) against what the template really writes -------
+
+
+def test_every_sbatch_option_the_template_writes_is_in_the_table_and_back():
+    from slurm_vllm.sbatch_options import SET_BY_TEMPLATE
+    from slurm_vllm.spec import FLAT_NAMES
+
+    spec = unchecked(model="org/m", nodes=2, gpus_per_node=2, cpus_per_task=4, mem="8G", time="01:00:00",
+                     partition="p", account="a", qos="q", constraint="c", exclusive=True, job_name="every",
+                     signal_grace=90, sbatch_args=["--mail-type=END"])
+    jd = JobDir(Path(JOB_DIR))
+    options = sbatch_options(render_script(spec, jd))
+    written = [o[2:].split("=", 1)[0] for o in options]
+    assert sorted(set(written) - {"mail-type"}) == sorted(SET_BY_TEMPLATE), written
+    assert "mail-type" in written  # the user's own, after the table's
+    for option, field in SET_BY_TEMPLATE.items():
+        assert field is None or field == "job_dir" or field in FLAT_NAMES, (option, field)
+
+
+@pytest.mark.parametrize("option", ["--nodes=3", "--ntasks-per-node=2", "--comment=x", "--error=e.log", "--open-mode=truncate"])
+def test_options_the_template_sets_are_refused_in_sbatch_args(option):
+    with pytest.raises(SpecErrors, match="is set by the tool"):
+        ServeSpec("org/m", sbatch_args=[option])
