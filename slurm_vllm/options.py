@@ -13,59 +13,90 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from slurm_vllm.errors import SpecError, SpecErrors
-from slurm_vllm.spec import Explained, ServeSpec, build_spec
+from slurm_vllm.spec import FLAT_NAMES, SECTIONS, TOP_FIELDS, Explained, ServeSpec, build_spec
 
 S = argparse.SUPPRESS
 
-#: (flags, flat field, argparse keyword arguments). The first flag is the one shown in --explain.
-SPEC_FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
-    (("--served-name",), "served_name", {"metavar": "NAME", "help": "name clients use in requests"}),
-    (("--nodes", "-N"), "nodes", {"type": int, "metavar": "N", "help": "number of nodes (default 1)"}),
-    (("--gpus-per-node",), "gpus_per_node", {"type": int, "metavar": "G",
-                                             "help": "GPUs per node (default 1; 0 for CPU-only nodes)"}),
-    (("--cpus-per-task",), "cpus_per_task", {"type": int, "metavar": "C", "help": "CPUs per node task"}),
-    (("--mem",), "mem", {"metavar": "SIZE", "help": "memory per node, e.g. 64G"}),
-    (("--time", "-t"), "time", {"metavar": "HH:MM:SS", "help": "time limit (Slurm formats)"}),
-    (("--partition", "-p"), "partition", {"metavar": "P", "help": "Slurm partition"}),
-    (("--account", "-A"), "account", {"metavar": "A", "help": "Slurm account"}),
-    (("--qos",), "qos", {"metavar": "Q", "help": "Slurm QOS"}),
-    (("--constraint",), "constraint", {"metavar": "FEATURES", "help": "node features"}),
-    (("--exclusive",), "exclusive", {"action": "store_const", "const": True, "help": "whole nodes only"}),
-    (("--job-name", "-J"), "job_name", {"metavar": "NAME", "help": "Slurm job name (default vllm)"}),
-    (("--signal-grace",), "signal_grace", {"type": int, "metavar": "S",
-                                           "help": "seconds of warning before the time limit (default 120)"}),
-    (("--sbatch-arg",), "sbatch_args", {"action": "append", "metavar": "--OPT=VALUE",
-                                        "help": "extra sbatch option (allow-listed; repeatable)"}),
-    (("--tensor-parallel-size", "-tp"), "tensor_parallel_size", {"type": int, "metavar": "T",
-                                                                 "help": "default: GPUs per node"}),
-    (("--pipeline-parallel-size", "-pp"), "pipeline_parallel_size", {"type": int, "metavar": "P",
-                                                                     "help": "default: number of nodes"}),
-    (("--allow-partial",), "allow_partial", {"action": "store_const", "const": True,
-                                             "help": "allow TP x PP below nodes x GPUs per node"}),
-    (("--backend",), "backend", {"choices": ["ray", "mp"], "help": "vLLM executor backend (default ray)"}),
-    (("--ray-join-timeout",), "join_timeout", {"type": float, "metavar": "S",
-                                               "help": "seconds a worker tries to join the head"}),
-    (("--ray-cluster-timeout",), "cluster_timeout", {"type": float, "metavar": "S",
-                                                     "help": "seconds the head waits for all nodes"}),
-    (("--interface",), "interface", {"metavar": "IFACE", "help": "network interface, e.g. ib0"}),
-    (("--cidr",), "cidr", {"metavar": "NET", "help": "pick node addresses from this network"}),
-    (("--setup",), "setup", {"action": "append", "metavar": "LINE",
-                             "help": "trusted shell line run before the node program (repeatable)"}),
-    (("--venv",), "venv", {"metavar": "PATH", "help": "virtual environment to activate"}),
-    (("--container",), "container", {"metavar": "IMAGE", "help": "Apptainer/Singularity image"}),
-    (("--container-runtime",), "container_runtime", {"choices": ["apptainer", "singularity"]}),
-    (("--bind",), "container_binds", {"action": "append", "metavar": "SRC[:DST]",
-                                      "help": "extra container bind (repeatable)"}),
-    (("--env",), "env", {"action": "append", "metavar": "KEY=VALUE",
-                         "help": "environment variable for the job (repeatable)"}),
-    (("--python",), "python", {"metavar": "CMD", "help": "python on the nodes (default python3)"}),
-    (("--job-dir",), "job_dir", {"metavar": "DIR", "help": "job directory (default ~/.slurm_vllm/jobs/NAME-TIME)"}),
-    (("--port",), "port", {"type": int, "metavar": "PORT", "help": "vLLM API port (default: chosen per job)"}),
-    (("--ready-timeout",), "ready_timeout", {"type": float, "metavar": "S",
-                                             "help": "seconds allowed for loading the model (default 3600)"}),
-    (("--no-api-key",), "api_key", {"action": "store_const", "const": False,
-                                    "help": "serve without an API key"}),
-]
+#: What the spec's fields cannot say about their flag: other spellings, short flags, metavars,
+#: and the help of a negated switch. Names, types, help text and defaults come from the fields.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "served_name": {"flags": ("--served-name",), "metavar": "NAME"},
+    "nodes": {"flags": ("--nodes", "-N"), "metavar": "N"},
+    "gpus_per_node": {"metavar": "G"},
+    "cpus_per_task": {"metavar": "C"},
+    "mem": {"metavar": "SIZE"},
+    "time": {"flags": ("--time", "-t"), "metavar": "HH:MM:SS"},
+    "partition": {"flags": ("--partition", "-p"), "metavar": "P"},
+    "account": {"flags": ("--account", "-A"), "metavar": "A"},
+    "qos": {"metavar": "Q"},
+    "constraint": {"metavar": "FEATURES"},
+    "job_name": {"flags": ("--job-name", "-J"), "metavar": "NAME"},
+    "signal_grace": {"metavar": "S"},
+    "sbatch_args": {"flags": ("--sbatch-arg",), "metavar": "--OPT=VALUE"},
+    "tensor_parallel_size": {"flags": ("--tensor-parallel-size", "-tp"), "metavar": "T"},
+    "pipeline_parallel_size": {"flags": ("--pipeline-parallel-size", "-pp"), "metavar": "P"},
+    "join_timeout": {"flags": ("--ray-join-timeout",), "metavar": "S"},
+    "cluster_timeout": {"flags": ("--ray-cluster-timeout",), "metavar": "S"},
+    "interface": {"metavar": "IFACE"},
+    "cidr": {"metavar": "NET"},
+    "setup": {"metavar": "LINE"},
+    "venv": {"metavar": "PATH"},
+    "container": {"metavar": "IMAGE"},
+    "container_binds": {"flags": ("--bind",), "metavar": "SRC[:DST]"},
+    "env": {"metavar": "KEY=VALUE"},
+    "python": {"metavar": "CMD"},
+    "job_dir": {"metavar": "DIR"},
+    "port": {"metavar": "PORT"},
+    "ready_timeout": {"metavar": "S"},
+    "api_key": {"flags": ("--no-api-key",), "const": False, "help": "serve without an API key"},
+}
+#: Fields that have no flag of their own: the positional MODEL, and what follows ``--``.
+NO_FLAG = frozenset({"extra_args"})
+
+
+def _default_text(default: Any) -> str:
+    if default is None or default == [] or default == {}:
+        return ""
+    if isinstance(default, bool):
+        return ""  # a switch: its help says what it turns on
+    return f" (default: {default})"
+
+
+def _flag_for(field: str, info: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """argparse arguments for one spec field, from its annotation, description and default."""
+    over = dict(OVERRIDES.get(field, {}))
+    flags = over.pop("flags", ("--" + field.replace("_", "-"),))
+    text = str(info.annotation)
+    kwargs: dict[str, Any] = {}
+    if "bool" in text:
+        kwargs.update(action="store_const", const=over.pop("const", True))
+    elif "list" in text or "dict" in text:
+        kwargs["action"] = "append"
+    elif "Literal" in text:
+        kwargs["choices"] = list(getattr(info.annotation, "__args__", ()))
+    elif "float" in text:
+        kwargs["type"] = float
+    elif "int" in text:
+        kwargs["type"] = int
+    default = None if info.default_factory is not None else info.default
+    description = (info.description or "").rstrip(".")
+    kwargs["help"] = (over.pop("help", None) or (description + _default_text(default))).replace("%", "%%")
+    kwargs.update(over)
+    return tuple(flags), kwargs
+
+
+def spec_flags() -> list[tuple[tuple[str, ...], str, dict[str, Any]]]:
+    """(flags, flat field, argparse keyword arguments) for every spec field that has a flag; the
+    first flag is the one ``--explain`` names."""
+    out = []
+    for field, (section, name) in FLAT_NAMES.items():
+        if field not in NO_FLAG:
+            out.append((field, SECTIONS[section].model_fields[name]))
+    out += [(name, ServeSpec.model_fields[name]) for name in TOP_FIELDS]
+    return [(*_flag_for(field, info)[:1], field, _flag_for(field, info)[1]) for field, info in out]
+
+
+SPEC_FLAGS = spec_flags()
 
 
 def add_spec_options(parser: argparse.ArgumentParser, model_required: bool = False) -> None:

@@ -392,12 +392,15 @@ class ServeSpec(_Section):
     model: ModelSection
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     parallel: ParallelSection = Field(default_factory=ParallelSection)
-    backend: Literal["ray", "mp"] = "ray"
+    backend: Literal["ray", "mp"] = Field(
+        default="ray", description="vLLM's executor across nodes: ray (a Ray cluster formed in the job) or mp "
+                                   "(vLLM's own multi-node mode).")
     ray: RaySection = Field(default_factory=RaySection)
     network: NetworkSection = Field(default_factory=NetworkSection)
     environment: EnvironmentSection = Field(default_factory=EnvironmentSection)
     serve: ServeSection = Field(default_factory=ServeSection)
-    job_dir: str | None = None
+    job_dir: str | None = Field(default=None, description="Job directory; unset: a new one under "
+                                                          "~/.slurm_vllm/jobs, named after the job and the time.")
 
     def __init__(self, model: Any = None, /, **data: Any) -> None:
         if model is not None:
