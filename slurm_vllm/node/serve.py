@@ -27,6 +27,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -98,6 +99,52 @@ def launch(argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> Owned
         log.write(f"--- slurm_vllm: starting {' '.join(argv)}\n".encode())
         log.flush()
         return OwnedProcess("vllm", argv, env, stdout=log)
+
+
+def requests_in_flight(base: str, api_key: str | None) -> int | None:
+    """Requests vLLM is running or holding (its ``/metrics``); None when it does not answer."""
+    try:
+        status, body = direct_http.get(f"{base}/metrics", api_key, timeout=5.0)
+    except OSError:
+        return None
+    if status != 200:
+        return None
+    total = 0.0
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting ",
+                            "vllm:num_requests_waiting{")):
+            try:
+                total += float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
+    return int(total)
+
+
+def drain_then_stop(proc: OwnedProcess, base: str, api_key: str | None, budget: float,
+                    poll: float = 1.0) -> bool:
+    """Let the requests in flight finish (up to ``budget`` seconds, watched on ``/metrics``),
+    then stop vLLM: SIGTERM to its API server alone, which shuts its engine down in its own
+    order, and whatever is left a moment later.
+
+    Not vLLM's own drain on SIGTERM (``--shutdown-timeout``) alone: with the Ray executor, Ray's
+    driver handler in vLLM's engine turns SIGTERM into an immediate exit, and the requests in
+    flight would be cut. True when nothing was in flight any more when vLLM was stopped.
+    """
+    deadline = time.monotonic() + budget
+    drained = False
+    while proc.poll() is None and time.monotonic() < deadline:
+        if requests_in_flight(base, api_key) == 0:
+            drained = True
+            break
+        time.sleep(poll)
+    if proc.poll() is None:
+        proc.popen.send_signal(signal.SIGTERM)
+        try:
+            proc.popen.wait(timeout=max(MIN_STOP_GRACE, min(10.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            pass
+    stop(proc, MIN_STOP_GRACE)
+    return drained
 
 
 def stop_grace(kill_wait: float | None) -> float:
@@ -331,8 +378,9 @@ def serve_and_watch(
                 print(f"slurm_vllm: time-limit warning: draining in-flight requests (up to {drain:.0f} s)",
                       flush=True)
                 t0 = time.monotonic()
-                stop(proc, drain + DRAIN_MARGIN / 2)
-                print(f"slurm_vllm: vLLM drained and stopped in {time.monotonic() - t0:.1f} s", flush=True)
+                drained = drain_then_stop(proc, base, api_key, drain)
+                print(f"slurm_vllm: {'in-flight requests finished' if drained else 'requests still in flight'} "
+                      f"after {time.monotonic() - t0:.1f} s; vLLM stopped", flush=True)
                 write_state(jobdir, run, Phase.ENDED, reason=_stop_reason(ctx))
                 return 0
             write_state(jobdir, run, Phase.ENDED, reason=_stop_reason(ctx))

@@ -167,8 +167,8 @@ def _burn_job_ids_until(next_id: int) -> None:
 
 def _first_worker_ports(job_id: str) -> set[int]:
     """The first Ray worker port of each of the job's raylets (from their command lines)."""
-    return {int(m) for _, cmd in job_processes(job_id, width=100_000)
-            for m in re.findall(r"--min[-_]worker[-_]port=(\d+)", cmd)}
+    return {int(m) for p in job_processes(job_id, width=100_000)
+            for m in re.findall(r"--min[-_]worker[-_]port=(\d+)", p.cmdline)}
 
 
 def test_two_jobs_sharing_nodes_both_form(lab, jobs, workdir: Path) -> None:
@@ -314,7 +314,8 @@ def test_time_limit_signal_ends_the_job_with_its_reason(lab, jobs, workdir: Path
 
 def _node_program_pid(job_id: str, rank: int) -> int | None:
     """The pid of the job's node program on node ``rank`` (by its environment)."""
-    for pid, cmd in job_processes(job_id, width=400):
+    for proc in job_processes(job_id, width=400):
+        pid, cmd = proc.pid, proc.cmdline
         if "slurm_vllm node" not in cmd:
             continue
         try:
@@ -334,7 +335,7 @@ def test_kill_9_of_the_heads_node_program_leaves_no_process(lab, jobs, workdir: 
     job = jobs.start(jd.script)
     wait_for(_formed(jd, 2), 150, "2-node cluster")
     pid = wait_for(lambda: _node_program_pid(job, 0), 10, "the head's node program")
-    assert any("raylet" in cmd or "gcs_server" in cmd for _, cmd in job_processes(job)), "nothing to leave behind"
+    assert any("raylet" in p.cmdline or "gcs_server" in p.cmdline for p in job_processes(job)), "nothing to leave behind"
     os.kill(pid, signal.SIGKILL)
     wait_gone(job, 90)
     assert_no_processes(job)
