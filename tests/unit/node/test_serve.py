@@ -463,3 +463,32 @@ def test_a_port_taken_since_it_was_planned_fails_with_the_port_named(head: Simpl
         with pytest.raises(NodeError, match=f"port {ctx.ports.api} .*taken by another process"):
             serve.free_api_port(ctx)
     assert serve.free_api_port(ctx) == ctx.ports.api
+
+
+def test_requests_in_flight_are_read_from_vllms_metrics() -> None:
+    import http.server
+
+    body = {"n": b'vllm:num_requests_running{engine="0",model_name="m"} 2.0\n'
+                 b'vllm:num_requests_waiting{engine="0",model_name="m"} 1.0\n'
+                 b'vllm:num_requests_waiting_by_reason{reason="capacity"} 1.0\n'
+                 b'# HELP vllm:num_requests_running Number of requests\n'}
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.end_headers()
+            self.wfile.write(body["n"])
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        assert serve.requests_in_flight(base, KEY) == 3  # running + waiting, the by-reason split not twice
+        body["n"] = b'vllm:num_requests_running{engine="0"} 0.0\nvllm:num_requests_waiting{engine="0"} 0.0\n'
+        assert serve.requests_in_flight(base, KEY) == 0
+    finally:
+        srv.shutdown()
+    assert serve.requests_in_flight(base, KEY) is None  # nothing answers
