@@ -187,8 +187,17 @@ def _wait(job: Any, timeout: float | None, as_json: bool, quiet: bool = False) -
         _print_json(d)
     else:
         print(f"READY {ep.base_url}  model={ep.model}")
+        _show_how_to_reach(job, ep)
         _err(f'use it with: eval "$(slurm-vllm endpoint {job.job_id} --env)"')
     return ExitCode.OK
+
+
+def _show_how_to_reach(job: Any, ep: Any) -> None:
+    from slurm_vllm.reach import how_to_reach  # noqa: PLC0415
+
+    key_file = job.jobdir.api_key if ep.api_key else None
+    for line in how_to_reach(ep, key_file):
+        _err(line)
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -209,7 +218,25 @@ def cmd_endpoint(args: argparse.Namespace) -> int:
             print(f"export {k}={shell.quote(v)}")
     else:
         print(ep.base_url)
+        _show_how_to_reach(job, ep)
     return ExitCode.OK
+
+
+def cmd_tunnel(args: argparse.Namespace) -> int:
+    import os  # noqa: PLC0415
+
+    from slurm_vllm import shell  # noqa: PLC0415
+    from slurm_vllm.reach import tunnel_argv  # noqa: PLC0415
+
+    job = _attach(args.job)
+    job.status()
+    argv = tunnel_argv(job.endpoint, args.local_port, args.login)
+    if args.print:
+        print(shell.join(argv))
+        return ExitCode.OK
+    _err(f"forwarding localhost:{argv[3].split(':', 1)[0]} to the job's server; Ctrl-C ends it")
+    os.execvp(argv[0], argv)
+    return ExitCode.ERROR  # not reached: exec replaces this process
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -297,7 +324,8 @@ def _node_arg(text: str) -> int | str:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    # SUPPRESS: a subcommand's own default must not undo a --debug given before it.
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     parser = argparse.ArgumentParser(
         prog="slurm-vllm",
@@ -345,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true", help="base_url, model, api_key, host, port")
     g.add_argument("--env", action="store_true", help="export OPENAI_BASE_URL/OPENAI_API_KEY lines for eval")
+
+    p = add("tunnel", cmd_tunnel, "run (or --print) the ssh -L line that reaches the server from a laptop")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--local-port", type=int, default=None, metavar="P", help="local port (default: the server's)")
+    p.add_argument("--login", default=None, metavar="USER@HOST", help="the host to tunnel through (default: this one)")
+    p.add_argument("--print", action="store_true", help="print the command instead of running it")
 
     p = add("logs", cmd_logs, "print a node's log (default: the head, node 0)")
     p.add_argument("job", metavar="JOB")
@@ -418,6 +452,25 @@ def split_vllm_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return ours, theirs
 
 
+#: Options whose value is itself an option (``--sbatch-arg --mail-type=END``, as the docs write it).
+OPTION_VALUED = ("--sbatch-arg",)
+
+
+def _join_option_values(argv: list[str]) -> list[str]:
+    """``--sbatch-arg --mail-type=END`` -> ``--sbatch-arg=--mail-type=END``: argparse would read
+    the value as an option of its own."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in OPTION_VALUED and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def _dispatch_node(command: str, rest: list[str]) -> int:
     from slurm_vllm.node import cli as node_cli  # noqa: PLC0415 - compute-node code
 
@@ -436,7 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err(f"error: {exc}")
         return exc.exit_code
     parser = build_parser()
-    args = parser.parse_args(head)
+    args = parser.parse_args(_join_option_values(head))
+    args.debug = getattr(args, "debug", False)
     if extra and args.command not in ("submit", "render"):
         parser.error("arguments after -- are vLLM arguments, for submit and render only")
     args.extra_args = extra

@@ -281,6 +281,53 @@ def test_endpoint_forms(tmp_path: Path, capsys: pytest.CaptureFixture[str], monk
     assert proc.stdout == "http://10.0.0.5:8001/v1|sekret"
 
 
+def test_ready_endpoint_says_how_to_reach_it_without_printing_the_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from slurm_vllm import job as jobmod
+    from slurm_vllm import reach
+
+    monkeypatch.setattr(jobmod, "PROBE", lambda url, key: (True, ""))
+    monkeypatch.setattr(reach, "login_host", lambda: "alice@login1.example.org")
+    d = make_job(tmp_path)
+    write_state(d, Run("42"), "READY")
+    write_json(d.endpoint, {"base_url": "http://10.0.0.5:8001/v1", "model": "m", "job_id": "42", "host": "n1", "port": 8001})
+    fake = FakeSlurm(squeue=ok(["squeue"], sq("42", "RUNNING", workdir=str(d.path))))
+    rc, out, err = run_cli(["endpoint", str(d.path)], fake, capsys)
+    assert rc == 0 and out.strip() == "http://10.0.0.5:8001/v1"  # stdout stays the URL alone
+    assert f'curl -s -H "Authorization: Bearer $(cat {d.api_key})" http://10.0.0.5:8001/v1/models' in err
+    assert "ssh -N -L 8001:10.0.0.5:8001 alice@login1.example.org" in err and "http://localhost:8001/v1" in err
+    assert "sekret" not in out + err
+    rc, out, err = run_cli(["tunnel", str(d.path), "--print", "--local-port", "9000"], fake, capsys)
+    assert rc == 0 and out.strip() == "ssh -N -L 9000:10.0.0.5:8001 alice@login1.example.org"
+    rc, out, _ = run_cli(["tunnel", str(d.path), "--print", "--login", "bob@gw"], fake, capsys)
+    assert out.strip() == "ssh -N -L 8001:10.0.0.5:8001 bob@gw"
+
+
+def test_the_curl_line_reads_the_key_from_its_file_when_run(tmp_path: Path) -> None:
+    from slurm_vllm.job import Endpoint
+    from slurm_vllm.reach import curl_line
+
+    key = tmp_path / "key file"
+    key.write_text("k3y\n")
+    line = curl_line(Endpoint(base_url="http://h:1/v1", model="m", api_key="k3y"), key)
+    assert "k3y" not in line
+    shown = subprocess.run(["bash", "-c", "curl() { printf '%s\\n' \"$@\"; }; " + line], capture_output=True,
+                           text=True, timeout=10, check=True).stdout.splitlines()
+    assert shown == ["-s", "-H", "Authorization: Bearer k3y", "http://h:1/v1/models"]
+
+
+def test_top_level_debug_before_the_command_works(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = run_cli(["--debug", "submit", "org/m", "--tensor-parallel-size", "3"], capsys=capsys)
+    assert rc == 2 and "Traceback" in err
+
+
+def test_sbatch_arg_in_the_space_form_the_docs_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run_cli(["submit", "--dry-run", "org/m", "--sbatch-arg", "--mail-type=END",
+                            "--sbatch-arg=--requeue"], capsys=capsys)
+    assert rc == 0, err
+    assert "#SBATCH --mail-type=END" in out and "#SBATCH --requeue" in out
+
+
 def test_endpoint_not_ready_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = make_job(tmp_path)
     fake = FakeSlurm(squeue=ok(["squeue"], sq("42", "PENDING", "Priority", str(d.path))))
