@@ -144,6 +144,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     spec, rows = _build_spec(args)
     if args.explain:
         _print_explain(rows)
+        if not args.output:  # a question about the settings: answer it, create nothing
+            sys.stdout.write(api.render(spec, template=getattr(args, "template", None)))
+            _err("nothing written: add -o FILE to write the script and create its job directory")
+            return ExitCode.OK
     jobdir = api.prepare(spec, template=getattr(args, "template", None))
     script = jobdir.script.read_text()
     if args.output:
@@ -168,8 +172,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         for s in sts:
             print(f"{s.job_id}\t{s.summary()}")
-            if s.log_tail and s.phase == "FAILED":
-                print("  " + s.log_tail.replace("\n", "\n  "))
+            if s.phase == "FAILED":
+                if s.log_tail:
+                    print("  " + s.log_tail.replace("\n", "\n  "))
+                print(f"  next: slurm-vllm logs {s.job_id} --node vllm   (vLLM's log; --node 0 the head's node "
+                      "program, --node batch the batch script)")
     return ExitCode.OK
 
 

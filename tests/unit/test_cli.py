@@ -316,6 +316,17 @@ def test_the_curl_line_reads_the_key_from_its_file_when_run(tmp_path: Path) -> N
     assert shown == ["-s", "-H", "Authorization: Bearer k3y", "http://h:1/v1/models"]
 
 
+def test_render_explain_creates_nothing_unless_asked_to_write(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_VLLM_HOME", str(tmp_path / "home"))
+    rc, out, err = run_cli(["render", "org/m", "--partition", "debug", "--explain"], capsys=capsys)
+    assert rc == 0 and out.startswith("#!/bin/bash") and "partition" in err and "nothing written" in err
+    assert not (tmp_path / "home").exists()
+    rc, _, err = run_cli(["render", "org/m", "--partition", "debug", "--explain", "-o", str(tmp_path / "j.sbatch")],
+                         capsys=capsys)
+    assert rc == 0 and (tmp_path / "j.sbatch").exists() and (tmp_path / "home" / "jobs").exists()
+
+
 def test_top_level_debug_before_the_command_works(capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, err = run_cli(["--debug", "submit", "org/m", "--tensor-parallel-size", "3"], capsys=capsys)
     assert rc == 2 and "Traceback" in err
