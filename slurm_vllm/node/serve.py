@@ -102,7 +102,12 @@ def launch(argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> Owned
 
 
 def requests_in_flight(base: str, api_key: str | None) -> int | None:
-    """Requests vLLM is running or holding (its ``/metrics``); None when it does not answer."""
+    """Requests vLLM is running or holding (its ``/metrics``, read with prometheus_client, which
+    comes with vLLM); None when it does not answer or cannot be read."""
+    try:
+        from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415 - vLLM's
+    except ImportError:
+        return None
     try:
         status, body = direct_http.get(f"{base}/metrics", api_key, timeout=5.0)
     except OSError:
@@ -110,13 +115,12 @@ def requests_in_flight(base: str, api_key: str | None) -> int | None:
     if status != 200:
         return None
     total = 0.0
-    for line in body.decode(errors="replace").splitlines():
-        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting ",
-                            "vllm:num_requests_waiting{")):
-            try:
-                total += float(line.rsplit(" ", 1)[1])
-            except (IndexError, ValueError):
-                continue
+    try:
+        for family in text_string_to_metric_families(body.decode(errors="replace")):
+            if family.name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+                total += sum(sample.value for sample in family.samples if sample.name == family.name)
+    except ValueError:
+        return None
     return int(total)
 
 
