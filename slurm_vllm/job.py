@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ from slurm_vllm.jobdir import (
     Run,
     StateRecord,
     is_current,
+    plain,
     spec_summary,
     tail_lines,
 )
@@ -187,9 +187,9 @@ def combine(
     def from_state_final() -> bool:
         if st is not None and st.phase.final:
             status.phase = st.phase
-            status.reason = _plain(st.reason)
+            status.reason = plain(st.reason)
             tail = st.log_tail or (_failing_log_tail(jobdir, attempt) if st.phase is Phase.FAILED else "")
-            status.log_tail = _plain(tail)
+            status.log_tail = plain(tail)
             return True
         return False
 
@@ -254,7 +254,7 @@ def combine(
         else:
             status.phase = Phase.FAILED
             status.reason = f"{sjob.state.name}: {sjob.state.meaning}{exit_note}"
-            status.log_tail = _plain(_failing_log_tail(jobdir, attempt))
+            status.log_tail = plain(_failing_log_tail(jobdir, attempt))
         return status
 
     # Slurm knows nothing (or an unknown state): trust a final state record, else say so.
@@ -270,12 +270,6 @@ def combine(
     return status
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def _plain(text: str) -> str:
-    """Text without terminal colour codes (vLLM and Ray colour their messages)."""
-    return _ANSI.sub("", text)
 
 
 def _failing_log_tail(jobdir: JobDir, restart: int = 0) -> str:

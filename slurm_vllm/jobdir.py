@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -458,6 +459,15 @@ class JobDir:
             except OSError:
                 pass
         return moved
+
+
+#: Terminal colour codes (vLLM and Ray colour their messages).
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def plain(text: str) -> str:
+    """Text without terminal colour codes: the one helper, for the login and the node side."""
+    return _ANSI.sub("", text)
 
 
 def tail_lines(path: Path, lines: int = 20, max_bytes: int = 64 * 1024) -> str:

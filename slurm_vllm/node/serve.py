@@ -37,7 +37,7 @@ from pathlib import Path
 
 from slurm_vllm import direct_http
 from slurm_vllm.errors import NodeError
-from slurm_vllm.jobdir import EndpointRecord, HeadRecord, JobDir, Phase, Run, tail_lines, write_state
+from slurm_vllm.jobdir import EndpointRecord, HeadRecord, JobDir, Phase, Run, plain, tail_lines, write_state
 from slurm_vllm.node.context import NodeContext
 from slurm_vllm.node.lifecycle import TEARDOWN_GRACE, TIME_LIMIT, OwnedProcess, slurm_kill_wait, stop
 from slurm_vllm.node.ports import port_is_free
@@ -186,7 +186,6 @@ _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit)\b(?:\([^
 #: vLLM's log prefixes: "(EngineCore pid=12) ", "ERROR 11-29 09:41:39 [core.py:1510] ", colours.
 _LOG_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)?(?:\([^)]*\)(?:\x1b\[[0-9;]*m)?\s+)*"
                          r"(?:(?:ERROR|CRITICAL)\s+\S+\s+\S+\s+\[[^\]]*\]\s+)?")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RAY_TASK_ERROR = re.compile(r"^[\w.]*RayTaskError\((\w+)\)")
 #: Exceptions that only say "see above": never the cause.
 _GENERIC = ("See root cause above", "See stack trace for root cause", "Engine core initialization failed",
@@ -207,7 +206,7 @@ def error_summary(log_text: str) -> str:
     for line in log_text.splitlines():
         if "WARNING" in line:
             continue
-        text = _LOG_PREFIX.sub("", _ANSI.sub("", line.strip()))
+        text = _LOG_PREFIX.sub("", plain(line.strip()))
         if inner and text.startswith(inner + ":"):
             return text[:400]
         if wrapper or not _EXCEPTION_LINE.match(text) or any(g in text for g in _GENERIC):
