@@ -98,15 +98,25 @@ def _extra_without_ip(extra: Sequence[str]) -> list[str]:
     return out
 
 
+def _missing(argument: str) -> int:
+    lifecycle.log(f"error: missing argument {argument}")
+    return 1
+
+
+def _stopper() -> Stopper:
+    """The drop-in's signal handling: a stop request for SIGTERM/SIGUSR2/SIGINT/SIGHUP."""
+    stopper = Stopper()
+    lifecycle.install_signal_handlers(stopper)
+    return stopper
+
+
 def run_leader(args: SeedArgs, env: Mapping[str, str] | None = None) -> int:
     """Start the head, wait for ``ray_cluster_size`` alive nodes; 0 on success, 1 otherwise."""
     log = lifecycle.log
     env = dict(os.environ if env is None else env)
     if not args.ray_cluster_size:
-        log("error: missing argument --ray_cluster_size")
-        return 1
-    stopper = Stopper()
-    lifecycle.install_signal_handlers(stopper)
+        return _missing("--ray_cluster_size")
+    stopper = _stopper()
     head: OwnedProcess | None = None
     try:
         ip, iface = leader_ip(args.extra, env)
@@ -148,10 +158,8 @@ def run_worker(args: SeedArgs, env: Mapping[str, str] | None = None) -> int:
     log = lifecycle.log
     env = dict(os.environ if env is None else env)
     if not args.ray_address:
-        log("error: missing argument --ray_address")
-        return 1
-    stopper = Stopper()
-    lifecycle.install_signal_handlers(stopper)
+        return _missing("--ray_address")
+    stopper = _stopper()
     lifecycle.become_subreaper()
     owned: list[OwnedProcess] = []
     try:
