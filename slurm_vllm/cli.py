@@ -329,7 +329,10 @@ def _node_arg(text: str) -> int | str:
     raise argparse.ArgumentTypeError("give a node number, 'vllm' or 'batch'")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser. With ``command`` given, only that subcommand gets the spec's flags: they
+    come from the spec model (pydantic), which ``--help``, ``--version`` and the other commands
+    need not load."""
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand's own default must not undo a --debug given before it.
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -352,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("submit", cmd_submit, "validate, render and submit a server job; print its id and directory at once")
-    _add_spec_flags(p)
+    if command in (None, "submit"):
+        _add_spec_flags(p)
     p.add_argument("--via", choices=("sbatch", "submitit"), default="sbatch", help="submission path (default: sbatch)")
     p.add_argument("--wait", action="store_true", help="then wait until the server answers (as `wait`)")
     p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after S seconds (exit 5)")
@@ -361,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = add("render", cmd_render, "write the sbatch script (and create its job directory) for submitting by hand")
-    _add_spec_flags(p)
+    if command in (None, "render"):
+        _add_spec_flags(p)
     p.add_argument("-o", "--output", help="write the script to FILE instead of stdout")
     p.add_argument("--explain", action="store_true", help="show where each setting came from (stderr)")
 
@@ -459,6 +464,11 @@ def split_vllm_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return ours, theirs
 
 
+def _command_of(argv: list[str]) -> str:
+    """The subcommand named in ``argv`` ("" when none): the first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
 #: Options whose value is itself an option (``--sbatch-arg --mail-type=END``, as the docs write it).
 OPTION_VALUED = ("--sbatch-arg",)
 
@@ -495,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as exc:
         _err(f"error: {exc}")
         return exc.exit_code
-    parser = build_parser()
+    parser = build_parser(_command_of(head))
     args = parser.parse_args(_join_option_values(head))
     args.debug = getattr(args, "debug", False)
     if extra and args.command not in ("submit", "render"):

@@ -66,6 +66,30 @@ def test_help_imports_nothing_heavy(argv: list[str]) -> None:
     assert "usage:" in proc.stdout
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["status", "--help"], ["wait", "--help"],
+                                  ["tunnel", "--help"]])
+def test_help_and_version_do_not_load_the_spec_model(argv: list[str]) -> None:
+    """Only submit and render need the spec's flags (and so pydantic); everything else starts light."""
+    code = (
+        "import sys\n"
+        "from slurm_vllm.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "print('pydantic' in sys.modules, 'slurm_vllm.spec' in sys.modules, file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "False False", proc.stderr
+
+
+def test_submit_help_still_lists_every_spec_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from slurm_vllm.options import SPEC_FLAGS
+
+    with pytest.raises(SystemExit):
+        cli.main(["submit", "--help"])
+    out = capsys.readouterr().out
+    assert all(flags[0] in out for flags, _, _ in SPEC_FLAGS)
+
+
 def test_python_dash_m_and_version() -> None:
     proc = subprocess.run([sys.executable, "-m", "slurm_vllm", "--version"], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0 and "slurm-vllm" in proc.stdout
