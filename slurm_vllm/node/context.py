@@ -19,12 +19,12 @@ ENV_NO_SERVE = "SLURM_VLLM_NODE_NO_SERVE"
 
 @dataclass
 class NodeContext:
-    """What the serving step (serve.py) gets from the node program (main.py): one typed record.
+    """What the serving step (serve.py) gets from the node program (program.py): one typed record.
 
     ``env`` is the environment for processes this node starts (it already carries
     ``RAY_ADDRESS``, the token settings, ``VLLM_HOST_IP`` and the Gloo/NCCL interface).
     The serving step must return when ``stop_event`` is set; ``fail(reason)`` ends the job FAILED.
-    ``api_port``, ``api_key``, ``rank`` and the addresses are read from here, never guessed.
+    The ports, the rank and the addresses are read from here, never guessed.
     """
 
     spec: ServeSpec
@@ -59,21 +59,8 @@ class NodeContext:
     def stop_reason(self) -> str | None:
         return self.stopper.reason
 
-    @property
-    def api_port(self) -> int:
-        return self.ports.api
-
-    @property
-    def api_key(self) -> str | None:
-        return self.jobdir.read_secret(self.jobdir.api_key) if self.spec.serve.api_key else None
-
     def fail(self, reason: str) -> None:
         self.stopper.fail(reason)
-
-    def own(self, proc: OwnedProcess) -> OwnedProcess:
-        """Register a child so the node's teardown stops it (and all it started) too."""
-        self.owned.append(proc)
-        return proc
 
 
 def hold(ctx: NodeContext, why: str) -> int:

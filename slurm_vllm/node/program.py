@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -101,10 +100,7 @@ class NodeProgram:
         if self.stopper.failed:
             self._save_ray_logs()
         if self.temp_dir and not self.env.get(ENV_KEEP_TMP):
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
-            parent = Path(self.temp_dir).parent
-            if parent.name.startswith(f"svl-u{os.getuid()}-"):  # a one-off private parent (ray_cluster)
-                shutil.rmtree(parent, ignore_errors=True)
+            ray_cluster.remove_temp_dir(self.temp_dir)
 
     def _save_ray_logs(self) -> None:
         """On failure, keep the Ray daemons' own logs (the temp dir is node-local and removed)."""

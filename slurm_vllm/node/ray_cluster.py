@@ -167,6 +167,14 @@ def make_temp_dir(job_id: str, rank: int, root: str | None = None) -> str:
     return path
 
 
+def remove_temp_dir(path: str) -> None:
+    """Remove a temp dir :func:`make_temp_dir` made, and its parent when that was a one-off."""
+    shutil.rmtree(path, ignore_errors=True)
+    parent = os.path.dirname(path)
+    if os.path.basename(parent).startswith(f"svl-u{os.getuid()}-"):  # mkdtemp's, this run's alone
+        shutil.rmtree(parent, ignore_errors=True)
+
+
 def private_dir(path: str) -> str:
     """``path`` as a directory only this user can write: created 0700, or already this user's.
 

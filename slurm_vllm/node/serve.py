@@ -350,7 +350,7 @@ def serve_and_watch(
     write_state(jobdir, run, Phase.LOADING_MODEL, reason="", log_tail="")
     started = time.monotonic()
     grace = stop_grace(slurm_kill_wait())
-    drain = drain_budget(ctx.spec.resources.signal_grace) if "--shutdown-timeout" in argv else None
+    drain = drain_budget(ctx.spec.resources.signal_grace)
     proc = launch(argv, env, log_path)
     base = f"http://{ip}:{port}"
     try:
@@ -374,10 +374,10 @@ def serve_and_watch(
                 write_state(jobdir, run, Phase.FAILED, reason=_stop_reason(ctx), log_tail=log_tail(log_path))
                 stop(proc, grace)
                 return 1
-            if drain is not None and during == "while serving" and _stop_reason(ctx) == TIME_LIMIT:
-                # The warning comes signal_grace seconds early: use them. vLLM stops taking
-                # requests and finishes the ones in flight (--shutdown-timeout); the workers stay
-                # until the state below is final. Then ENDED.
+            if during == "while serving" and _stop_reason(ctx) == TIME_LIMIT:
+                # The warning comes signal_grace seconds early: use them to let the requests in
+                # flight finish (drain_then_stop); the workers stay until the state below is
+                # final. Then ENDED.
                 print(f"slurm_vllm: time-limit warning: draining in-flight requests (up to {drain:.0f} s)",
                       flush=True)
                 t0 = time.monotonic()

@@ -309,7 +309,7 @@ def test_the_ray_temp_dir_is_fresh_private_and_short(short_root):
 
 def test_a_temp_dir_parent_someone_else_made_first_is_refused_and_avoided(short_root, tmp_path):
     from slurm_vllm.errors import NodeError
-    from slurm_vllm.node.ray_cluster import make_temp_dir, private_dir
+    from slurm_vllm.node.ray_cluster import make_temp_dir, private_dir, remove_temp_dir
 
     root = short_root
     squatted = root / f"svl-u{os.getuid()}"
@@ -327,7 +327,10 @@ def test_a_temp_dir_parent_someone_else_made_first_is_refused_and_avoided(short_
     os.symlink(tmp_path, squatted)
     with pytest.raises(NodeError, match="not a directory"):
         private_dir(str(squatted))
-    assert Path(make_temp_dir("9", 0, root=str(root))).parent != squatted
+    fallback = Path(make_temp_dir("9", 0, root=str(root)))
+    assert fallback.parent != squatted
+    remove_temp_dir(str(fallback))  # the one-off parent goes with it
+    assert not fallback.parent.exists() and squatted.is_symlink()
 
 
 def test_a_temp_dir_parent_of_ours_that_others_can_write_is_tightened(short_root):

@@ -492,3 +492,17 @@ def test_requests_in_flight_are_read_from_vllms_metrics() -> None:
     finally:
         srv.shutdown()
     assert serve.requests_in_flight(base, KEY) is None  # nothing answers
+
+
+def test_the_time_limit_drain_waits_for_the_requests_in_flight_then_stops_vllm(monkeypatch) -> None:
+    """It needs no vLLM flag: the count comes from /metrics, the stop is the API server's SIGTERM."""
+    counts = iter([2, 1, 0])
+    monkeypatch.setattr(serve, "requests_in_flight", lambda base, key: next(counts))
+    proc = lifecycle.OwnedProcess("vllm", ["sleep", "600"], os.environ)
+    t0 = time.monotonic()
+    assert serve.drain_then_stop(proc, "http://127.0.0.1:9", KEY, budget=30, poll=0.05) is True
+    assert time.monotonic() - t0 < 10 and proc.poll() == -signal.SIGTERM
+    monkeypatch.setattr(serve, "requests_in_flight", lambda base, key: 1)  # never drains
+    proc = lifecycle.OwnedProcess("vllm", ["sleep", "600"], os.environ)
+    assert serve.drain_then_stop(proc, "http://127.0.0.1:9", KEY, budget=0.3, poll=0.05) is False
+    assert proc.poll() is not None
