@@ -88,12 +88,14 @@ def _flag_for(field: str, info: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
 def spec_flags() -> list[tuple[tuple[str, ...], str, dict[str, Any]]]:
     """(flags, flat field, argparse keyword arguments) for every spec field that has a flag; the
     first flag is the one ``--explain`` names."""
+    fields = [(field, SECTIONS[section].model_fields[name]) for field, (section, name) in FLAT_NAMES.items()
+              if field not in NO_FLAG]
+    fields += [(name, ServeSpec.model_fields[name]) for name in TOP_FIELDS]
     out = []
-    for field, (section, name) in FLAT_NAMES.items():
-        if field not in NO_FLAG:
-            out.append((field, SECTIONS[section].model_fields[name]))
-    out += [(name, ServeSpec.model_fields[name]) for name in TOP_FIELDS]
-    return [(*_flag_for(field, info)[:1], field, _flag_for(field, info)[1]) for field, info in out]
+    for field, info in fields:
+        flags, kwargs = _flag_for(field, info)
+        out.append((flags, field, kwargs))
+    return out
 
 
 SPEC_FLAGS = spec_flags()

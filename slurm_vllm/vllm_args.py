@@ -191,7 +191,7 @@ def build_serve_argv(
         if spec.model.served_name:
             argv += ["--served-model-name", spec.model.served_name]
     user_args = list(spec.model.extra_args)
-    if shutdown_timeout and not any(a.split("=", 1)[0].replace("_", "-") == "--shutdown-timeout" for a in user_args):
+    if shutdown_timeout and not any(_vllm_flag(a)[0] == "--shutdown-timeout" for a in user_args):
         argv += ["--shutdown-timeout", str(shutdown_timeout)]
     argv += user_args
     return argv
