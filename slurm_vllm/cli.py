@@ -233,15 +233,16 @@ def cmd_tunnel(args: argparse.Namespace) -> int:
     import os  # noqa: PLC0415
 
     from slurm_vllm import shell  # noqa: PLC0415
-    from slurm_vllm.reach import tunnel_argv  # noqa: PLC0415
+    from slurm_vllm.reach import local_port, tunnel_argv  # noqa: PLC0415
 
     job = _attach(args.job)
     job.status()
-    argv = tunnel_argv(job.endpoint, args.local_port, args.login)
+    ep = job.endpoint
+    argv = tunnel_argv(ep, args.local_port, args.login)
     if args.print:
         print(shell.join(argv))
         return ExitCode.OK
-    _err(f"forwarding localhost:{argv[3].split(':', 1)[0]} to the job's server; Ctrl-C ends it")
+    _err(f"forwarding localhost:{local_port(ep, args.local_port)} to the job's server; Ctrl-C ends it")
     os.execvp(argv[0], argv)
     return ExitCode.ERROR  # not reached: exec replaces this process
 

@@ -28,18 +28,26 @@ def curl_line(ep: Endpoint, key_file: Path | None) -> str:
     return f'curl -s -H "Authorization: Bearer $(cat {shell.quote(str(key_file))})" {url}'
 
 
-def tunnel_argv(ep: Endpoint, local_port: int | None = None, login: str | None = None) -> list[str]:
+def _address(ep: Endpoint) -> tuple[str, int]:
+    """The server's node address and port, from its base URL."""
+    node, _, rest = ep.base_url.split("//", 1)[1].rpartition(":")
+    return node, ep.port or int(rest.split("/", 1)[0])
+
+
+def local_port(ep: Endpoint, wanted: int | None = None) -> int:
+    """The laptop's end of the tunnel: ``wanted``, else the server's own port."""
+    return wanted or _address(ep)[1]
+
+
+def tunnel_argv(ep: Endpoint, wanted_port: int | None = None, login: str | None = None) -> list[str]:
     """``ssh -N -L LOCAL:NODE:PORT LOGIN``: run on a laptop, then use ``http://localhost:LOCAL/v1``."""
-    port = ep.port or int(ep.base_url.rsplit(":", 1)[1].split("/", 1)[0])
-    node = ep.base_url.split("//", 1)[1].rsplit(":", 1)[0]
-    return ["ssh", "-N", "-L", f"{local_port or port}:{node}:{port}", login or login_host()]
+    node, port = _address(ep)
+    return ["ssh", "-N", "-L", f"{local_port(ep, wanted_port)}:{node}:{port}", login or login_host()]
 
 
-def how_to_reach(ep: Endpoint, key_file: Path | None, local_port: int | None = None) -> list[str]:
-    """The lines shown at READY: the URL, the curl check, the laptop tunnel."""
-    tunnel = tunnel_argv(ep, local_port)
-    local = tunnel[3].split(":", 1)[0]
+def how_to_reach(ep: Endpoint, key_file: Path | None) -> list[str]:
+    """The lines shown at READY after the URL: the curl check here, the tunnel from a laptop."""
     return [
         f"test it here:    {curl_line(ep, key_file)}",
-        f"from a laptop:   {shell.join(tunnel)}   then use http://localhost:{local}/v1",
+        f"from a laptop:   {shell.join(tunnel_argv(ep))}   then use http://localhost:{local_port(ep)}/v1",
     ]
