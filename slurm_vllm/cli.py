@@ -193,7 +193,8 @@ def _wait(job: Any, timeout: float | None, as_json: bool, quiet: bool = False) -
         d.update({"base_url": ep.base_url, "model": ep.model})
         _print_json(d)
     else:
-        print(f"READY {ep.base_url}  model={ep.model}")
+        line = st.summary() if st is not None and st.phase.serving else f"READY {ep.base_url}"
+        print(f"{line}  model={ep.model}")
         _show_how_to_reach(job, ep)
         _err(f'use it with: eval "$(slurm-vllm endpoint {job.job_id} --env)"')
     return ExitCode.OK
@@ -245,6 +246,34 @@ def cmd_tunnel(args: argparse.Namespace) -> int:
     _err(f"forwarding localhost:{local_port(ep, args.local_port)} to the job's server; Ctrl-C ends it")
     os.execvp(argv[0], argv)
     return ExitCode.ERROR  # not reached: exec replaces this process
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from slurm_vllm.metrics import table_rows  # noqa: PLC0415
+
+    job = _attach(args.job)
+    while True:
+        m = job.metrics(interval=args.interval)
+        if args.json:
+            _print_json(m.to_dict())
+        else:
+            from rich.console import Console  # noqa: PLC0415
+            from rich.table import Table  # noqa: PLC0415
+
+            table = Table("replica", "url", "answers", "running", "waiting", "KV cache", "tokens/s", "finished",
+                          "routed", title=f"job {job.job_id}" + (
+                              f"  router: {sum(m.router_requests.values()):.0f} requests"
+                              if m.router_answering else "  router: not answering" if m.router_answering is False
+                              else ""))
+            for row in table_rows(m):
+                table.add_row(*row)
+            Console().print(table)
+        if not args.watch:
+            return ExitCode.OK
+        try:
+            time.sleep(max(0.0, args.every - args.interval))
+        except KeyboardInterrupt:
+            return ExitCode.OK
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -392,6 +421,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--local-port", type=int, default=None, metavar="P", help="local port (default: the server's)")
     p.add_argument("--login", default=None, metavar="USER@HOST", help="the host to tunnel through (default: this one)")
     p.add_argument("--print", action="store_true", help="print the command instead of running it")
+
+    p = add("metrics", cmd_metrics, "running and waiting requests, KV cache, tokens/s of every replica and the router")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", action="store_true", help="print again every --every seconds until Ctrl-C")
+    p.add_argument("--every", type=float, default=5.0, metavar="S", help="with --watch: seconds between readings")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S",
+                   help="seconds between the two readings a rate (tokens/s) is computed from")
 
     p = add("logs", cmd_logs, "print a node's log (default: the head, node 0)")
     p.add_argument("job", metavar="JOB")

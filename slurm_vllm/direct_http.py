@@ -9,6 +9,7 @@ request this package sends to a job's endpoint goes through :func:`get` or
 
 from __future__ import annotations
 
+import json
 import urllib.error
 import urllib.request
 from typing import Any
@@ -30,6 +31,20 @@ def get(url: str, api_key: str | None = None, timeout: float = 5.0) -> tuple[int
             return int(resp.status), resp.read()
     except urllib.error.HTTPError as exc:
         return int(exc.code), b""
+
+
+def post(url: str, payload: Any = None, api_key: str | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    """POST ``payload`` as JSON (or an empty body) to ``url`` directly; like :func:`get`."""
+    data = b"" if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, method="POST")
+    req.add_header("Content-Type", "application/json")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with _OPENER.open(req, timeout=timeout) as resp:
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read() if exc.fp is not None else b""
 
 
 def openai_http_client(openai: Any) -> Any:

@@ -76,6 +76,9 @@ class JobStatus:
     slurm_state: str = ""
     nodes_joined: int | None = None
     nodes_expected: int | None = None
+    replicas_ready: int | None = None  # with replicas: how many the router sends requests to
+    replicas_expected: int | None = None
+    replicas: list[dict[str, Any]] = field(default_factory=list)  # index, nodes, url, phase, restarts, reason
     url: str | None = None
     model: str | None = None
     healthy: bool | None = None
@@ -101,10 +104,13 @@ class JobStatus:
     def summary(self) -> str:
         """One line for a terminal: ``READY http://...`` or ``PENDING (Resources: ...)``."""
         if self.phase.serving:
-            text = f"{self.phase} {self.url}"
+            counted = f" {self.replicas_ready}/{self.replicas_expected} replicas" if self.replicas_expected else ""
+            text = f"{self.phase}{counted} {self.url}"
             if not self.healthy:
                 text += f" (not answering from here: {self.reason})"
             return text
+        if self.phase is Phase.LOADING_MODEL and self.replicas_expected:
+            return f"LOADING_MODEL {self.replicas_ready or 0}/{self.replicas_expected} replicas ready"
         if self.phase is Phase.STARTING_RAY and self.nodes_expected:
             text = f"STARTING_RAY {self.nodes_joined or 0}/{self.nodes_expected} nodes"
             return text + (f" ({self.reason})" if self.reason else "")
@@ -175,6 +181,9 @@ def combine(
         restart=sjob.restarts if sjob is not None and sjob.restarts is not None else (st.restart if st else None),
         nodes_joined=st.nodes_joined if st else None,
         nodes_expected=st.nodes_expected if st else None,
+        replicas_ready=st.replicas_ready if st and st.replicas_expected else None,
+        replicas_expected=st.replicas_expected if st else None,
+        replicas=[r.model_dump(mode="json", exclude={"log_tail"}) for r in st.replicas] if st else [],
         slurm_state=(sjob.state.raw if sjob else ""),
         elapsed=(sjob.elapsed if sjob else ""),
         model=spec_summary(jobdir).get("model") or None,
@@ -421,6 +430,18 @@ class Job:
 
     def _run(self, st: JobStatus) -> Run | None:
         return Run(self.job_id, st.restart) if self.job_id else None
+
+    def metrics(self, interval: float = 1.0) -> Any:
+        """The server's load now (:class:`~slurm_vllm.metrics.JobMetrics`): every replica's
+        running and waiting requests, KV-cache use, tokens/s, and the router's counters."""
+        from slurm_vllm.metrics import read_metrics  # noqa: PLC0415
+
+        ep = self.endpoint  # raises unless the job serves
+        st = self._last
+        listed = [(int(r["index"]), str(r["url"])) for r in (st.replicas if st else []) if r.get("url")]
+        if listed:
+            return read_metrics(listed, ep.api_key, router_url=ep.base_url, interval=interval)
+        return read_metrics([(0, ep.base_url)], ep.api_key, interval=interval)
 
     def openai_client(self, **kwargs: Any) -> Any:
         """An ``openai.OpenAI`` client for this job's server that ignores proxy variables

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -190,6 +190,38 @@ class Record(BaseModel):
 R = TypeVar("R", bound=Record)
 
 
+#: A replica's own phase (the job's phase is derived from all of them: READY, DEGRADED, FAILED).
+ReplicaPhase = Literal["starting", "ready", "restarting", "failed", "ended"]
+
+
+class ReplicaInfo(BaseModel):
+    """One replica as a reader sees it (in ``state.json``'s ``replicas`` list).
+
+    ``failed`` is final (no restart left); ``restarting`` means its vLLM exited and starts again.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    index: int
+    nodes: list[str] = Field(default_factory=list)
+    url: str = ""  # the replica's own base URL (http://ip:port/v1), reachable inside the cluster
+    phase: ReplicaPhase = "starting"
+    restarts: int = 0
+    reason: str = ""
+    log_tail: str = ""
+    updated_at: float = 0.0
+
+    @property
+    def serving(self) -> bool:
+        return self.phase == "ready"
+
+
+class ReplicaRecord(ReplicaInfo, Record):
+    """``replica-<i>.json``: one replica's vLLM as its node sees it, written by that node only."""
+
+    FILE: ClassVar[str] = "replica-{index}.json"
+
+
 class StateRecord(Record):
     """``state.json``: where the head is (phase, nodes, reason), written only by the head."""
 
@@ -211,6 +243,10 @@ class StateRecord(Record):
     started_at: float = 0.0
     updated_at: float = 0.0
     phase_times: dict[str, float] = Field(default_factory=dict)
+    # With replicas: each replica as the head last saw it, and how many are in the router.
+    replicas: list[ReplicaInfo] = Field(default_factory=list)
+    replicas_ready: int | None = None
+    replicas_expected: int | None = None
 
 
 class HeadRecord(Record):
@@ -366,6 +402,17 @@ class JobDir:
         """``ray start``'s own output, kept apart from the node log to keep that one readable."""
         return self.attempt_logs(restart) / f"ray-{rank}.log"
 
+    def replica(self, index: int) -> Path:
+        """Where replica ``index``'s node reports its vLLM (ReplicaRecord)."""
+        return self.path / ReplicaRecord.FILE.format(index=index)
+
+    def read_replica(self, index: int, run: Run | None = None) -> ReplicaRecord | None:
+        return _current(ReplicaRecord.read(self.replica(index)), run)
+
+    def router_log(self, restart: int = 0) -> Path:
+        """vllm-router's and the authenticating front's output (rank 0, with replicas)."""
+        return self.attempt_logs(restart) / "router.log"
+
     def vllm_log(self, restart: int = 0, rank: int = 0) -> Path:
         name = "vllm.log" if rank == 0 else f"vllm-{rank}.log"
         return self.attempt_logs(restart) / name
@@ -445,7 +492,10 @@ class JobDir:
         endpoint, and no reader can take them for the new run's.
         """
         moved = []
-        for cls, path in ((StateRecord, self.state), (EndpointRecord, self.endpoint), (HeadRecord, self.head)):
+        records: list[tuple[type[Record], Path]] = [
+            (StateRecord, self.state), (EndpointRecord, self.endpoint), (HeadRecord, self.head),
+            *((ReplicaRecord, p) for p in sorted(self.path.glob(ReplicaRecord.FILE.format(index="*"))))]
+        for cls, path in records:
             record = cls.read(path)
             if record is None or is_current(record, run):
                 continue

@@ -161,7 +161,8 @@ def build_serve_argv(
     """The ``vllm serve`` argv for one node; no secret appears in it.
 
     ``backend`` ``ray``: one command on the head. ``mp``: one command per node, ranks other
-    than 0 headless (they serve no API; rank 0 does). ``shutdown_timeout``: how long vLLM lets
+    than 0 headless (they serve no API; rank 0 does). ``local``: one node on its own (a replica),
+    vLLM's default executor. ``shutdown_timeout``: how long vLLM lets
     in-flight requests finish after SIGTERM (``--shutdown-timeout``), unless the user set it.
     """
     backend = backend or spec.backend
@@ -184,9 +185,9 @@ def build_serve_argv(
         ]
         if node_rank != 0:
             argv.append("--headless")
-    else:
+    elif backend != "local":
         raise ValueError(f"unknown backend {backend!r}")
-    if backend == "ray" or node_rank == 0:
+    if backend in ("ray", "local") or node_rank == 0:
         argv += ["--host", host, "--port", str(port)]
         if spec.model.served_name:
             argv += ["--served-model-name", spec.model.served_name]

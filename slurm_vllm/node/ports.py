@@ -47,6 +47,9 @@ NAMED = (
     "metrics_export",
     "dashboard",
     "api",
+    "front",
+    "router",
+    "router_metrics",
 )
 
 
@@ -64,6 +67,9 @@ class PortPlan:
     metrics_export: int
     dashboard: int
     api: int
+    front: int  # with replicas, on rank 0: the authenticating front, the job's public URL
+    router: int  # vllm-router, loopback only
+    router_metrics: int  # vllm-router's Prometheus exporter, loopback only
     min_worker: int
     max_worker: int
 
@@ -175,6 +181,7 @@ def plan_ports(
     *,
     api_port: int | None = None,
     gcs_port: int | None = None,
+    front_port: int | None = None,
     is_free: Callable[[int], bool] = port_is_free,
     claim: Callable[[int], bool] | None = None,
     host: str = "?",
@@ -186,7 +193,7 @@ def plan_ports(
     port is taken or no slot has room.
     """
     fixed: dict[str, int] = {}
-    for name, port in (("api", api_port), ("gcs", gcs_port)):
+    for name, port in (("api", api_port), ("gcs", gcs_port), ("front", front_port)):
         if port is not None:
             if not is_free(port):
                 raise NodeError(f"node {host}: port {port} ({name}) is already in use here; "

@@ -155,8 +155,9 @@ class NodeProgram:
             # Name the node as Slurm does, so missing hosts can be reported by name.
             topo = dataclasses.replace(topo, hostname=topo.hosts[topo.rank])
         self.topo = topo
-        # Only the head acts on the time-limit warning (it drains vLLM, which needs the workers).
-        self.stopper.stop_on_warning = topo.is_head
+        # Only the head acts on the time-limit warning (it drains vLLM, which needs the workers);
+        # with replicas every node drains its own.
+        self.stopper.stop_on_warning = topo.is_head or spec.replicas > 1
         self.run_id = run = Run(topo.job_id, parse_restart(self.env.get("SLURM_RESTART_COUNT")))
         self.log(f"node program: {topo.describe()}" + (f", attempt {run.restart}" if run.restart else ""))
         if topo.is_head:
@@ -166,6 +167,8 @@ class NodeProgram:
         self.ports = ports = self._plan_ports(topo)
         self.temp_dir = ray_cluster.make_temp_dir(topo.job_id, topo.rank)
         self._sweep_stale_temp_dirs(topo)
+        if spec.replicas > 1:
+            return self._run_replicas(spec, topo, ports)
         if spec.backend == "mp":
             return self._run_mp(spec, topo, ports)
         token = self.jobdir.ray_token
@@ -176,9 +179,13 @@ class NodeProgram:
         return Worker(self).run(spec, topo, ports, token)
 
     def _plan_ports(self, topo: Topology) -> PortPlan:
-        """This node's ports, in a slot claimed on this node for the job's lifetime (ports)."""
-        return plan_ports(topo.job_id, topo.rank, api_port=self.spec.serve.port if topo.is_head else None,
-                          claim=claim_slot, host=topo.hostname)
+        """This node's ports, in a slot claimed on this node for the job's lifetime (ports).
+
+        ``serve.port`` is the job's public port: vLLM's, or with replicas the front's."""
+        public = self.spec.serve.port if topo.is_head else None
+        if self.spec.replicas > 1:
+            return plan_ports(topo.job_id, topo.rank, front_port=public, claim=claim_slot, host=topo.hostname)
+        return plan_ports(topo.job_id, topo.rank, api_port=public, claim=claim_slot, host=topo.hostname)
 
     def fresh_ports(self, topo: Topology) -> PortPlan:
         """The plan, tested again right before ``ray start`` binds it; replanned if something took
@@ -218,8 +225,11 @@ class NodeProgram:
         path.parent.mkdir(parents=True, exist_ok=True)
         return open(path, "ab")
 
-    def start(self, name: str, argv: list[str], env: Mapping[str, str]) -> OwnedProcess:
-        with self._ray_log() as out:
+    def start(self, name: str, argv: list[str], env: Mapping[str, str], log: Path | None = None) -> OwnedProcess:
+        """Start an owned process, its output appended to ``log`` (default this node's Ray log)."""
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+        with (open(log, "ab") if log is not None else self._ray_log()) as out:
             proc = OwnedProcess(name, argv, env, stdout=out)
         self.owned.append(proc)
         return proc
@@ -244,6 +254,25 @@ class NodeProgram:
                    ip=topo.node_ip, gcs_port=ports.gcs, api_port=ports.api,
                    published_at=time.time()).write(self.jobdir.head)
         self._wrote_head = True
+
+    # ------------------------------------------------------------ replicas
+
+    def _run_replicas(self, spec: ServeSpec, topo: Topology, ports: PortPlan) -> int:
+        """Replicas: every node serves its own copy (node/replica.py); rank 0 also runs the
+        router and its authenticating front and decides the job's phase (node/router.py)."""
+        from slurm_vllm.node import replica  # noqa: PLC0415 - the serving side, imported late
+        from slurm_vllm.node.router import RouterSupervisor  # noqa: PLC0415
+
+        env = ray_cluster.ray_env(self.env, node_ip=topo.node_ip, interface=topo.interface, token_path=None)
+        ctx = self.context(topo, ports, env, ray_address=None)
+        if not topo.is_head:
+            return replica.run_replica_node(ctx)
+        self.write_state(Phase.LOADING_MODEL, nodes_joined=topo.num_nodes, nodes_expected=topo.num_nodes,
+                         missing_hosts=[], reason=None, replicas_ready=0, replicas_expected=spec.replicas,
+                         head_host=topo.hostname)
+        self.publish_head(topo, ports)
+        thread = replica.start_replica_thread(ctx)
+        return RouterSupervisor(ctx, self.start).run(thread)
 
     # ------------------------------------------------------------ mp backend
 

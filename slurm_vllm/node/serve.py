@@ -301,7 +301,7 @@ def ray_address(ctx: NodeContext) -> str | None:
     return ctx.ray_address or ctx.env.get("RAY_ADDRESS") or None
 
 
-def _api_key(ctx: NodeContext) -> str | None:
+def job_api_key(ctx: NodeContext) -> str | None:
     if not ctx.spec.serve.api_key:
         return None
     key = ctx.jobdir.read_secret(ctx.jobdir.api_key)
@@ -430,7 +430,7 @@ def free_api_port(ctx: NodeContext) -> int:
 def run_head_serving(ctx: NodeContext) -> int:
     """Ray backend, on the head after all nodes joined: run vLLM on the cluster until the end."""
     port = free_api_port(ctx)
-    key = _api_key(ctx)
+    key = job_api_key(ctx)
     argv = build_serve_argv(
         ctx.spec,
         host=ctx.head_ip,
@@ -481,7 +481,7 @@ def run_mp_node(ctx: NodeContext) -> int:
         if info is None:
             return 0
         addr, mport, port = info.ip, info.gcs_port, int(info.api_port or 0)
-    key = _api_key(ctx) if ctx.rank == 0 else None
+    key = job_api_key(ctx) if ctx.rank == 0 else None
     argv = build_serve_argv(
         ctx.spec,
         host=addr,

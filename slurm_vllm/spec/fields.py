@@ -76,6 +76,11 @@ def _time_value(value: Any, info: ValidationInfo) -> Any:
     return value
 
 
+#: vllm-router's load-balancing policies (``vllm-router --policy``).
+RouterPolicy = Literal["random", "round_robin", "cache_aware", "kv_aware", "power_of_two", "consistent_hash",
+                       "sticky_least_loaded"]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -121,6 +126,8 @@ class ParallelSection(_Section):
     allow_partial: StrictBool = Field(
         default=False, description="Allow TP x PP to use fewer GPUs than nodes x gpus_per_node."
     )
+    replicas: int = Field(
+        default=1, description="Copies of the model, each on nodes / replicas nodes, behind one router and one URL.")
 
 
 class RaySection(_Section):
@@ -166,6 +173,12 @@ class ServeSection(_Section):
     ready_timeout: float = Field(
         default=3600.0, description="Seconds the head waits for vLLM to load and answer before giving up."
     )
+    router_policy: RouterPolicy | None = Field(
+        default=None, description="vllm-router's load-balancing policy with replicas; default: the router's own.")
+    min_ready_replicas: int | None = Field(
+        default=None, description="Replicas that must answer before the job is READY; default: all.")
+    replica_restarts: int = Field(
+        default=2, description="Restarts in place of a replica whose vLLM exits, before it is given up.")
 
 
 #: Top-level keys that are whole sections.

@@ -141,9 +141,25 @@ class ServeSpec(_Section):
 
     @property
     def pipeline_parallel_size(self) -> int:
-        """PP as vLLM will get it: the spec's value, else the number of nodes."""
+        """PP as vLLM will get it: the spec's value, else the nodes of one replica."""
         pp = self.parallel.pipeline_parallel_size
-        return pp if pp is not None else self.resources.nodes
+        return pp if pp is not None else self.nodes_per_replica
+
+    @property
+    def replicas(self) -> int:
+        """Copies of the model served behind one router (1: no router)."""
+        return max(self.parallel.replicas, 1)
+
+    @property
+    def nodes_per_replica(self) -> int:
+        """Consecutive nodes each replica runs on (``nodes / replicas``)."""
+        return max(self.resources.nodes // self.replicas, 1)
+
+    @property
+    def min_ready_replicas(self) -> int:
+        """Replicas that must answer before the job is READY (default all)."""
+        wanted = self.serve.min_ready_replicas
+        return self.replicas if wanted is None else min(max(wanted, 1), self.replicas)
 
     @property
     def is_local_model(self) -> bool:

@@ -121,21 +121,27 @@ def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
     if errors:
         return errors
 
+    errors.extend(_replica_problems(spec))
+    if errors:
+        return errors
+
     tp, pp = _effective(spec)
-    gpus = r.nodes * r.gpus_per_node
+    # Each replica has nodes / replicas nodes: TP x PP must fill one replica, not the allocation.
+    per, what = (spec.nodes_per_replica, "nodes per replica") if spec.replicas > 1 else (r.nodes, "nodes")
+    gpus = per * r.gpus_per_node
     if r.gpus_per_node > 0:
         if tp * pp > gpus:
             add(SpecError(
                 "tensor_parallel_size", tp,
-                f"TP x PP = {tp} x {pp} = {tp * pp} needs more GPUs than nodes x gpus_per_node = "
-                f"{r.nodes} x {r.gpus_per_node} = {gpus}; lower TP/PP or ask for more nodes/GPUs",
+                f"TP x PP = {tp} x {pp} = {tp * pp} needs more GPUs than {what} x gpus_per_node = "
+                f"{per} x {r.gpus_per_node} = {gpus}; lower TP/PP or ask for more nodes/GPUs",
                 problem="does not fit the allocation"))
         elif tp * pp < gpus and not p.allow_partial:
             add(SpecError(
                 "tensor_parallel_size", tp,
-                f"TP x PP = {tp} x {pp} = {tp * pp} leaves GPUs idle (nodes x gpus_per_node = {gpus}); "
+                f"TP x PP = {tp} x {pp} = {tp * pp} leaves GPUs idle ({what} x gpus_per_node = {gpus}); "
                 f"set TP x PP = {gpus} (e.g. tensor_parallel_size={r.gpus_per_node}, "
-                f"pipeline_parallel_size={r.nodes}) or set allow_partial: true",
+                f"pipeline_parallel_size={per}) or set allow_partial: true",
                 problem="does not use the allocation"))
         if spec.backend == "mp" and tp > r.gpus_per_node:
             add(SpecError(
@@ -144,11 +150,11 @@ def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
                 f"tensor_parallel_size <= gpus_per_node ({r.gpus_per_node}) and use "
                 f"pipeline_parallel_size across nodes, or use backend 'ray', which places TP workers "
                 f"across nodes", problem="is larger than gpus_per_node"))
-    if spec.backend == "mp" and (tp * pp) % r.nodes != 0:
+    if spec.backend == "mp" and (tp * pp) % per != 0:
         add(SpecError(
             "pipeline_parallel_size", pp,
             f"vLLM's mp backend starts TP x PP / nodes workers on every node, so TP x PP = {tp * pp} "
-            f"must be a multiple of nodes = {r.nodes}", problem="does not divide over the nodes"))
+            f"must be a multiple of {what} = {per}", problem="does not divide over the nodes"))
 
     # Time, memory, signal.
     if r.time is not None and not (_TIME_RE.match(r.time) or r.time.lower() in _TIME_WORDS):
@@ -246,6 +252,29 @@ def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
     if check_paths:
         errors.extend(check_paths_exist(spec))
     return errors
+
+
+def _replica_problems(spec: ServeSpec) -> list[SpecError]:
+    """Replicas split the nodes evenly; the replica settings stay in range."""
+    r, s, k = spec.resources, spec.serve, spec.parallel.replicas
+    if k < 1:
+        return [SpecError("replicas", k, "use 1 (one copy, no router) or more", problem="is below 1")]
+    out = []
+    if r.nodes % k:
+        out.append(SpecError("replicas", k, f"nodes ({r.nodes}) must be a multiple of replicas: each replica gets "
+                                            f"nodes / replicas nodes; e.g. nodes={k * max(r.nodes // k, 1)}",
+                             problem="does not divide the nodes"))
+    elif k > 1 and r.nodes // k > 1:
+        out.append(SpecError("replicas", k, f"give each replica one node (nodes = replicas = {k}) and use "
+                                            "tensor_parallel_size within it; replicas spanning several nodes "
+                                            "are not supported yet", problem="needs several nodes per replica"))
+    if s.min_ready_replicas is not None and not 1 <= s.min_ready_replicas <= k:
+        out.append(SpecError("min_ready_replicas", s.min_ready_replicas, f"use 1 to replicas ({k}), or leave it "
+                                                                         "unset for all", problem="is out of range"))
+    if not 0 <= s.replica_restarts <= 100:
+        out.append(SpecError("replica_restarts", s.replica_restarts, "use 0 (never restart) to 100",
+                             problem="is out of range"))
+    return out
 
 
 def check_paths_exist(spec: ServeSpec) -> list[SpecError]:
