@@ -177,6 +177,32 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return ExitCode.USAGE if doctor.failed(checks) else ExitCode.OK
 
 
+#: Options whose value is a file or a directory, for the completion script.
+PATH_OPTIONS = {"config": "file", "profile": "file", "template": "file", "output": "file", "container": "file",
+                "venv": "dir", "job_dir": "dir"}
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    """Print a static completion script: the shell completes from it, never starting Python."""
+    try:
+        import shtab  # noqa: PLC0415 - only this command needs it
+    except ImportError:
+        raise SpecError("shell", args.shell, "install shtab next to slurm-vllm (pip install shtab)",
+                        problem="cannot be completed without shtab") from None
+    parser = build_parser(None)  # every command with every option
+    kinds = {"file": shtab.FILE, "dir": shtab.DIRECTORY}
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        for action in p._actions:
+            if action.dest in PATH_OPTIONS:
+                action.complete = kinds[PATH_OPTIONS[action.dest]]  # type: ignore[attr-defined]
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+    sys.stdout.write(shtab.complete(parser, shell=args.shell))
+    return ExitCode.OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from slurm_vllm.catalog import attach_many  # noqa: PLC0415
     from slurm_vllm.job import statuses  # noqa: PLC0415
@@ -438,6 +464,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="only directories untouched for DAYS days")
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     p.add_argument("--json", action="store_true")
+
+    p = add("completion", cmd_completion, 'print a shell completion script (eval "$(slurm-vllm completion bash)")')
+    p.add_argument("shell", choices=("bash", "zsh"))
 
     for name, what in (
         ("leader", "start the Ray head (drop-in for multi-node-serving.sh leader)"),
