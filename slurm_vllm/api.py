@@ -31,11 +31,11 @@ def _as_spec(spec: ServeSpec | str, options: dict[str, Any]) -> ServeSpec:
 
 def render(spec: ServeSpec | str, template: str | os.PathLike[str] | None = None, **options: Any) -> str:
     """The sbatch script for ``spec``, without writing anything (a preview)."""
-    from slurm_vllm.render import preview_job_dir, render_script  # noqa: PLC0415 - Jinja2 only here
+    from slurm_vllm.render import preview_job_dir, render_script, resolve_node_env  # noqa: PLC0415 - Jinja2
     from slurm_vllm.spec import validate_spec  # noqa: PLC0415
 
-    spec = validate_spec(_as_spec(spec, options), check_paths=True)
-    return render_script(spec, preview_job_dir(spec), template=template)
+    spec, node_env = resolve_node_env(validate_spec(_as_spec(spec, options), check_paths=True))
+    return render_script(spec, preview_job_dir(spec), template=template, node_env=node_env)
 
 
 def prepare(spec: ServeSpec | str, template: str | os.PathLike[str] | None = None, **options: Any) -> JobDir:

@@ -160,6 +160,49 @@ def cmd_render(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from slurm_vllm import doctor, options  # noqa: PLC0415
+
+    def build(given: Any) -> Any:
+        return options.spec_from_args(given, vllm_args=args.extra_args, check_paths=False)[0]
+
+    spec, model_given, spec_checks = doctor.spec_for_doctor(build, vars(args))
+    checks = doctor.run_checks(spec, model_given, spec_checks)
+    if args.json:
+        _print_json([c.to_dict() for c in checks])
+    else:
+        print(doctor.format_checks(checks), flush=True)
+        counts = {s: sum(c.status == s for c in checks) for s in ("fail", "warn")}
+        _err(f"{counts['fail']} failed, {counts['warn']} warning(s)" if any(counts.values()) else "all checks passed")
+    return ExitCode.USAGE if doctor.failed(checks) else ExitCode.OK
+
+
+#: Options whose value is a file or a directory, for the completion script.
+PATH_OPTIONS = {"config": "file", "profile": "file", "template": "file", "output": "file", "container": "file",
+                "venv": "dir", "job_dir": "dir"}
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    """Print a static completion script: the shell completes from it, never starting Python."""
+    try:
+        import shtab  # noqa: PLC0415 - only this command needs it
+    except ImportError:
+        raise SpecError("shell", args.shell, "install shtab next to slurm-vllm (pip install shtab)",
+                        problem="cannot be completed without shtab") from None
+    parser = build_parser(None)  # every command with every option
+    kinds = {"file": shtab.FILE, "dir": shtab.DIRECTORY}
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        for action in p._actions:
+            if action.dest in PATH_OPTIONS:
+                action.complete = kinds[PATH_OPTIONS[action.dest]]  # type: ignore[attr-defined]
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+    sys.stdout.write(shtab.complete(parser, shell=args.shell))
+    return ExitCode.OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from slurm_vllm.catalog import attach_many  # noqa: PLC0415
     from slurm_vllm.job import statuses  # noqa: PLC0415
@@ -400,6 +443,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write the script to FILE instead of stdout")
     p.add_argument("--explain", action="store_true", help="show where each setting came from (stderr)")
 
+    p = add("doctor", cmd_doctor, "check from the login node what a job needs: Slurm, the partition and its nodes, "
+                                  "account/QOS, the nodes' Python, the model, the job directory")
+    if command in (None, "doctor"):
+        _add_spec_flags(p)
+    p.add_argument("--json", action="store_true", help="a list of {check, status, detail, fix}")
+
     p = add("status", cmd_status, "show the phase of one or more jobs (one Slurm call for all)")
     p.add_argument("job", nargs="+", metavar="JOB")
     p.add_argument("--json", action="store_true")
@@ -452,6 +501,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="only directories untouched for DAYS days")
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     p.add_argument("--json", action="store_true")
+
+    p = add("completion", cmd_completion, 'print a shell completion script (eval "$(slurm-vllm completion bash)")')
+    p.add_argument("shell", choices=("bash", "zsh"))
 
     for name, what in (
         ("leader", "start the Ray head (drop-in for multi-node-serving.sh leader)"),
@@ -546,8 +598,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(_command_of(head))
     args = parser.parse_args(_join_option_values(head))
     args.debug = getattr(args, "debug", False)
-    if extra and args.command not in ("submit", "render"):
-        parser.error("arguments after -- are vLLM arguments, for submit and render only")
+    if extra and args.command not in ("submit", "render", "doctor"):
+        parser.error("arguments after -- are vLLM arguments, for submit, render and doctor only")
     args.extra_args = extra
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

@@ -31,6 +31,7 @@ from slurm_vllm.jobdir import (
     default_jobs_root,
     write_json,
 )
+from slurm_vllm.node_env import NodeEnv, require
 from slurm_vllm.spec import ServeSpec, validate_spec
 
 DEFAULT_TEMPLATE = "serve.sbatch.j2"
@@ -129,7 +130,7 @@ def _shows_at_own_path(bind: str, path: str) -> bool:
     return src == dst.rstrip("/") and (path == src or path.startswith(src.rstrip("/") + "/"))
 
 
-def _context(spec: ServeSpec, jobdir: JobDir) -> dict[str, Any]:
+def _context(spec: ServeSpec, jobdir: JobDir, node_env: NodeEnv | None = None) -> dict[str, Any]:
     from slurm_vllm import __version__
 
     r, e = spec.resources, spec.environment
@@ -141,7 +142,7 @@ def _context(spec: ServeSpec, jobdir: JobDir) -> dict[str, Any]:
         for bind in container_binds(spec, job_dir):
             wrapper += ["--bind", bind]
         wrapper.append(e.container)
-    node_argv = [e.python, "-m", "slurm_vllm", "node", "--job-dir", job_dir]
+    node_argv = [e.python or "python3", "-m", "slurm_vllm", "node", "--job-dir", job_dir]
     srun_opts = ["--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     if r.cpus_per_task is not None:
         srun_opts.append(f"--cpus-per-task={r.cpus_per_task}")
@@ -158,11 +159,16 @@ def _context(spec: ServeSpec, jobdir: JobDir) -> dict[str, Any]:
         "container_argv": wrapper,
         "node_argv": node_argv,
         "activate": os.path.join(e.venv, "bin", "activate") if e.venv else None,
+        "node_env_comment": node_env.comment_lines() if node_env is not None else [],
     }
 
 
-def render_script(spec: ServeSpec, jobdir: JobDir, template: str | os.PathLike[str] | None = None) -> str:
+def render_script(spec: ServeSpec, jobdir: JobDir, template: str | os.PathLike[str] | None = None,
+                  node_env: NodeEnv | None = None) -> str:
     """Render the batch script for ``spec`` running in ``jobdir``; writes nothing.
+
+    ``node_env`` (from :func:`resolve_node_env`) adds what the login side found about the nodes'
+    Python to the script's comments; the interpreter itself comes from ``spec``.
 
     ``template`` is a path to the user's own Jinja2 template, rendered under the same rules
     (quoting filters enforced, StrictUndefined). Raises :class:`SpecError` for an unreadable
@@ -179,7 +185,7 @@ def render_script(spec: ServeSpec, jobdir: JobDir, template: str | os.PathLike[s
                             problem="cannot be read") from None
         tmpl = env.from_string(source)
     try:
-        return tmpl.render(_context(spec, jobdir))
+        return tmpl.render(_context(spec, jobdir, node_env))
     except shell.UnsafeValueError as exc:
         raise SpecError("spec", str(exc), "remove the character the message names",
                         problem="cannot be written into the script") from None
@@ -192,6 +198,20 @@ def _dir_name(job_name: str) -> str:
     """The job name made safe for a directory name (the real name stays in the spec)."""
     name = _SAFE_NAME.sub("_", job_name).strip("._") or "job"
     return name[:64]
+
+
+def resolve_node_env(spec: ServeSpec) -> tuple[ServeSpec, NodeEnv]:
+    """Check the nodes' Python (:mod:`slurm_vllm.node_env`); the spec with the chosen one in it.
+
+    Raises :class:`SpecErrors` before anything is created when the nodes would not find the
+    package; says its warnings (logging) once.
+    """
+    env = require(spec)
+    if env.python is None:
+        return spec, env
+    data = spec.model_dump(mode="json")
+    data["environment"]["python"] = env.python
+    return ServeSpec.model_validate(data, context={"check_paths": False}), env
 
 
 def preview_job_dir(spec: ServeSpec, now: _dt.datetime | None = None) -> JobDir:
@@ -226,6 +246,7 @@ def prepare_submission(
     that fails.
     """
     validate_spec(spec, check_paths=True)
+    spec, node_env = resolve_node_env(spec)  # a refusal here leaves nothing behind
     stamp = f"{now or _dt.datetime.now():%Y%m%d-%H%M%S}"
     try:
         created = create_job_dir(spec.job_dir, _dir_name(spec.resources.job_name), stamp=stamp)
@@ -239,7 +260,7 @@ def prepare_submission(
         resolved = ServeSpec.model_validate(
             {**spec.model_dump(mode="json"), "job_dir": str(jobdir.path)}, context={"check_paths": False}
         )
-        script = render_script(resolved, jobdir, template)
+        script = render_script(resolved, jobdir, template, node_env=node_env)
         write_json(jobdir.spec, resolved.model_dump(mode="json"), mode=0o600)
         if resolved.serve.api_key:
             jobdir.write_secret(jobdir.api_key)

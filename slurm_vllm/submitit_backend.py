@@ -113,11 +113,15 @@ def executor_parameters(spec: Any, jobdir: JobDir) -> dict[str, Any]:
 
 
 def _python_for(spec: Any) -> str:
+    """The interpreter submitit starts on each node: as the sbatch path would run the node program
+    (the spec's python, else the venv's, else python3 after setup lines, else this one)."""
     env = spec.environment
+    if env.python:
+        return shell.quote(env.python)
     if env.venv:
         return shell.quote(str(Path(env.venv) / "bin" / "python"))
-    if env.python and env.python != "python3":
-        return shell.quote(env.python)
+    if env.setup:
+        return "python3"
     return shell.quote(sys.executable)
 
 

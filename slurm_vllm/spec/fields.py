@@ -161,7 +161,9 @@ class EnvironmentSection(_Section):
     )
     env: Annotated[dict[str, str], BeforeValidator(_env_value)] = Field(
         default_factory=dict, description="Environment variables to export.")
-    python: str = Field(default="python3", description="Python that runs `-m slurm_vllm node` on each node.")
+    python: str | None = Field(
+        default=None, description="Python that runs `-m slurm_vllm node` on each node; unset: python3 after "
+                                  "venv/container/setup, else the submitting interpreter.")
 
 
 class ServeSection(_Section):

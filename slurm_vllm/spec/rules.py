@@ -220,7 +220,7 @@ def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
     for i, line in enumerate(e.setup):
         if not line.strip():
             add(SpecError(f"setup[{i}]", line, "remove the empty setup line", problem="is empty"))
-    if not e.python.strip():
+    if e.python is not None and not e.python.strip():
         add(SpecError("python", e.python, "give a python command such as python3", problem="is empty"))
     for i, bind in enumerate(e.container_binds):
         src = bind.split(":", 1)[0]

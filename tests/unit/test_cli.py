@@ -434,3 +434,44 @@ def test_node_commands_dispatch_raw_argv(monkeypatch: pytest.MonkeyPatch) -> Non
         ("worker", ["--ray_address=1.2.3.4", "--help"]),
         ("node", ["--job-dir", "/j"]),
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# completion
+# --------------------------------------------------------------------------------------------
+
+
+def _complete(script: str, words: list[str]) -> list[str]:
+    """What bash offers after ``words`` (the last one being typed), with ``script`` sourced."""
+    code = (f"source {script}\nCOMP_WORDS=({' '.join(words)})\nCOMP_CWORD={len(words) - 1}\n"
+            "_shtab_slurm_vllm\nprintf '%s\\n' \"${COMPREPLY[@]}\"\n")
+    proc = subprocess.run(["bash", "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+def test_bash_completion_completes_commands_and_spec_options(tmp_path, capsys):
+    rc, out, _ = run_cli(["completion", "bash"], capsys=capsys)
+    assert rc == 0 and "complete -o bashdefault -F _shtab_slurm_vllm slurm-vllm" in out
+    script = tmp_path / "slurm-vllm.bash"
+    script.write_text(out)
+    assert subprocess.run(["bash", "-n", str(script)], timeout=30, check=False).returncode == 0
+    assert _complete(str(script), ["slurm-vllm", "do"]) == ["doctor"]
+    assert _complete(str(script), ["slurm-vllm", "submit", "--gpus-"]) == ["--gpus-per-node"]
+    assert "--json" in _complete(str(script), ["slurm-vllm", "doctor", "--js"])
+    assert "_shtab_compgen_files" in out  # --config, --profile, -o complete file names
+
+
+def test_zsh_completion_is_a_compdef_script(capsys):
+    rc, out, _ = run_cli(["completion", "zsh"], capsys=capsys)
+    assert rc == 0 and out.startswith("#compdef slurm-vllm") and "--gpus-per-node" in out
+
+
+def test_completion_needs_shtab_only_when_asked(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "shtab", None)  # an install without it
+    rc, _, err = run_cli(["completion", "bash"], capsys=capsys)
+    assert rc == 2 and "pip install shtab" in err
+    code = ("import sys\nfrom slurm_vllm.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('shtab' in sys.modules, file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.stderr.strip().splitlines()[-1] == "False" and "completion" in proc.stdout
