@@ -183,7 +183,7 @@ def combine(
         nodes_expected=st.nodes_expected if st else None,
         replicas_ready=st.replicas_ready if st and st.replicas_expected else None,
         replicas_expected=st.replicas_expected if st else None,
-        replicas=[r.model_dump(mode="json", exclude={"log_tail"}) for r in st.replicas] if st else [],
+        replicas=[r.model_dump(mode="json", exclude={"log_tail", "updated_at"}) for r in st.replicas] if st else [],
         slurm_state=(sjob.state.raw if sjob else ""),
         elapsed=(sjob.elapsed if sjob else ""),
         model=spec_summary(jobdir).get("model") or None,

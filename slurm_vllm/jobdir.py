@@ -247,6 +247,7 @@ class StateRecord(Record):
     replicas: list[ReplicaInfo] = Field(default_factory=list)
     replicas_ready: int | None = None
     replicas_expected: int | None = None
+    router_address: str = ""  # vllm-router's loopback address on the head node (never published beyond it)
 
 
 class HeadRecord(Record):

@@ -225,7 +225,8 @@ class RouterSupervisor:
         own = {"updated_at", "job_id", "restart"}  # the run is the state's own; the time changes always
         listed = [r.model_dump(mode="json", exclude=own) for r in records if r is not None]
         fields: dict[str, object] = dict(reason=summary.reason, replicas=listed, replicas_ready=summary.ready,
-                                         replicas_expected=summary.expected)
+                                         replicas_expected=summary.expected,
+                                         router_address=f"{LOOPBACK}:{self.ctx.ports.router}")
         if (summary.phase, fields) == (self.last.get("phase"), self.last.get("fields")):
             return
         self.last = {"phase": summary.phase, "fields": fields}
