@@ -66,12 +66,14 @@ def make_app(router: str, metrics: str, key: bytes | None) -> Any:
     """The aiohttp application: ``router`` and ``metrics`` are the loopback base URLs."""
     from aiohttp import ClientSession, ClientTimeout, TCPConnector, web  # noqa: PLC0415 - node side only
 
+    session_key = web.AppKey("session", ClientSession)
+
     async def open_session(app: web.Application) -> Any:
         # trust_env=False: the upstream is on loopback, never behind the environment's proxy.
-        app["session"] = ClientSession(connector=TCPConnector(limit=0), trust_env=False, auto_decompress=False,
-                                       timeout=ClientTimeout(total=None, sock_connect=10))
+        app[session_key] = ClientSession(connector=TCPConnector(limit=0), trust_env=False, auto_decompress=False,
+                                         timeout=ClientTimeout(total=None, sock_connect=10))
         yield
-        await app["session"].close()
+        await app[session_key].close()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         which = route(request.path)
@@ -83,7 +85,7 @@ def make_app(router: str, metrics: str, key: bytes | None) -> Any:
         url = base + request.rel_url.path_qs
         body = request.content if request.can_read_body else None
         try:
-            async with app["session"].request(request.method, url, headers=forward_headers(request.headers),
+            async with app[session_key].request(request.method, url, headers=forward_headers(request.headers),
                                               data=body, allow_redirects=False) as upstream:
                 response = web.StreamResponse(status=upstream.status, headers=forward_headers(upstream.headers))
                 await response.prepare(request)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slurm_vllm import direct_http
+from slurm_vllm.errors import NodeError
 from slurm_vllm.jobdir import EndpointRecord, Phase, ReplicaRecord, write_state
 from slurm_vllm.node.context import NodeContext
 from slurm_vllm.node.lifecycle import TIME_LIMIT, OwnedProcess
@@ -43,7 +44,10 @@ def router_executable(env: Mapping[str, str] | None = None) -> list[str]:
     if found:
         return [found]
     beside = Path(sys.executable).with_name("vllm-router")
-    return [str(beside)] if beside.exists() else ["vllm-router"]
+    if beside.exists():
+        return [str(beside)]
+    raise NodeError("replicas need vllm-router in the nodes' environment, and it is not installed there: "
+                    "pip install 'slurm-vllm[node]' (or vllm-router) into the job's venv or image")
 
 
 def router_argv(executable: Sequence[str], *, port: int, metrics_port: int, policy: str | None) -> list[str]:

@@ -33,8 +33,8 @@ READY_TIMEOUT = 600  # three vLLM servers start at once on the lab's two cores
 @pytest.fixture(scope="module")
 def served(lab: Lab) -> Iterator[tuple[Any, str]]:
     """One job with three one-node replicas (round robin, so every replica gets requests)."""
-    if lab.nodes < REPLICAS:
-        pytest.skip(f"the lab has {lab.nodes} nodes; {REPLICAS} replicas need {REPLICAS}")
+    if len(lab.nodes) < REPLICAS:
+        pytest.skip(f"the lab has {len(lab.nodes)} nodes; {REPLICAS} replicas need {REPLICAS}")
     import slurm_vllm
 
     # Outside pytest's tmp_path (see the workdir fixture): a new directory the job will own.
@@ -130,7 +130,7 @@ def test_killed_replica_restarts_while_the_others_serve(served: tuple[Any, str],
             except Exception as exc:  # noqa: BLE001 - every failure counts
                 results.append(False)
                 errors.append(repr(exc)[:200])
-            done.wait(0.3)
+            done.wait(1.0)  # a steady trickle: the restart shares the two cores with it
 
     loop = threading.Thread(target=requests_meanwhile, daemon=True)
     loop.start()

@@ -12,8 +12,8 @@ import pytest
 from slurm_vllm import job as jobmod
 from slurm_vllm import slurm
 from slurm_vllm.errors import JobFailedError, JobNotFoundError, WaitTimeoutError
-from slurm_vllm.job import Job, JobBlockedError, combine
-from slurm_vllm.jobdir import JobDir, Run, write_json, write_state
+from slurm_vllm.job import Job, JobBlockedError, JobStatus, combine
+from slurm_vllm.jobdir import JobDir, Phase, Run, write_json, write_state
 from tests.unit.fake_slurm import FakeSlurm, fail, ok
 
 US = slurm.SEP
@@ -377,3 +377,14 @@ def test_colour_codes_from_vllm_do_not_reach_the_terminal(jd: JobDir) -> None:
 def test_just_submitted_reason_reads_well(jd: JobDir) -> None:
     st = combine("42", jd, sjob("PENDING", "None"), None, None, None, never_probe)
     assert st.summary() == "PENDING (just submitted; not scheduled yet)"
+
+
+def test_replica_counts_in_the_summary_line() -> None:
+    st = JobStatus(job_id="1", job_dir="/j", phase=Phase.READY, url="http://h:1/v1", healthy=True,
+                   replicas_ready=3, replicas_expected=3)
+    assert st.summary() == "READY 3/3 replicas http://h:1/v1"
+    st.phase, st.replicas_ready = Phase.DEGRADED, 2
+    assert st.summary() == "DEGRADED 2/3 replicas http://h:1/v1"
+    loading = JobStatus(job_id="1", job_dir="/j", phase=Phase.LOADING_MODEL, replicas_ready=1, replicas_expected=3)
+    assert loading.summary() == "LOADING_MODEL 1/3 replicas ready"
+    assert JobStatus(job_id="1", job_dir="/j", phase=Phase.READY, url="u", healthy=True).summary() == "READY u"

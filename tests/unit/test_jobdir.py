@@ -19,6 +19,7 @@ from slurm_vllm.jobdir import (
     JobDir,
     JobDirError,
     Phase,
+    ReplicaRecord,
     Run,
     StateRecord,
     create_job_dir,
@@ -279,3 +280,13 @@ def test_remove_refuses_an_unmarked_directory(tmp_path: Path) -> None:
     JobDir(d).remove()
     assert (d / "spec.json").exists()
     assert not (d / MARKER).exists()
+
+
+def test_replica_records_of_a_previous_run_are_kept_aside_and_never_read(jd: JobDir) -> None:
+    ReplicaRecord(job_id="7", restart=0, index=1, url="http://old:1/v1", phase="ready").write(jd.replica(1))
+    assert jd.read_replica(1, Run("7", 1)) is None
+    moved = jd.archive_previous_run(Run("7", 1))
+    assert jd.attempt_logs(0) / "replica-1.json" in moved and not jd.replica(1).exists()
+    ReplicaRecord(job_id="7", restart=1, index=1, url="http://new:1/v1").write(jd.replica(1))
+    rec = jd.read_replica(1, Run("7", 1))
+    assert rec is not None and rec.url == "http://new:1/v1" and rec.phase == "starting"

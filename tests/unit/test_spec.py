@@ -635,3 +635,29 @@ def test_a_yaml_alias_bomb_is_refused_fast_with_a_short_message(tmp_path):
 def test_error_messages_cut_long_values():
     err = one_error("job_name", "org/M", job_name="x\x01" + "y" * 5000)
     assert len(str(err)) < 600 and "characters)" in str(err)
+
+
+# --------------------------------------------------------------------------- replicas
+
+
+def test_replicas_split_the_nodes_and_tp_pp_fill_one_replica() -> None:
+    s = ServeSpec("org/m", nodes=3, replicas=3, gpus_per_node=2)
+    assert (s.replicas, s.nodes_per_replica, s.tensor_parallel_size, s.pipeline_parallel_size) == (3, 1, 2, 1)
+    assert s.min_ready_replicas == 3
+    assert ServeSpec("org/m", nodes=2, replicas=2, min_ready_replicas=1).min_ready_replicas == 1
+
+
+@pytest.mark.parametrize(("kw", "field", "words"), [
+    ({"nodes": 3, "replicas": 2}, "replicas", "must be a multiple of replicas"),
+    ({"nodes": 2, "replicas": 0}, "replicas", "use 1"),
+    ({"nodes": 4, "replicas": 2}, "replicas", "one node"),
+    ({"nodes": 2, "replicas": 2, "min_ready_replicas": 3}, "min_ready_replicas", "use 1 to replicas (2)"),
+    ({"nodes": 2, "replicas": 2, "replica_restarts": -1}, "replica_restarts", "0 (never restart) to 100"),
+    ({"nodes": 2, "replicas": 2, "router_policy": "fastest"}, "router_policy", "round_robin"),
+    ({"nodes": 2, "replicas": 2, "gpus_per_node": 2, "tensor_parallel_size": 4}, "tensor_parallel_size",
+     "nodes per replica x gpus_per_node = 1 x 2"),
+])
+def test_replica_settings_are_checked_with_field_and_fix(kw: dict, field: str, words: str) -> None:
+    with pytest.raises(SpecErrors) as info:
+        ServeSpec("org/m", **kw)
+    assert any(e.field == field and words in str(e) for e in info.value.errors), str(info.value)
