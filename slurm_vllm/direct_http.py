@@ -3,12 +3,13 @@
 Login and compute nodes often set ``http_proxy``/``https_proxy`` for model downloads. A request
 to a compute node must not follow them: the proxy usually cannot reach the node (a healthy
 server would look dead), and the job's API key would travel to the proxy in clear text. Every
-request this package sends to a job's endpoint goes through :func:`get` or
+request this package sends to a job's endpoint goes through :func:`get`, :func:`post_json` or
 :func:`openai_http_client`, which ignore the environment's proxy settings.
 """
 
 from __future__ import annotations
 
+import json
 import urllib.error
 import urllib.request
 from typing import Any
@@ -30,6 +31,19 @@ def get(url: str, api_key: str | None = None, timeout: float = 5.0) -> tuple[int
             return int(resp.status), resp.read()
     except urllib.error.HTTPError as exc:
         return int(exc.code), b""
+
+
+def post_json(url: str, payload: Any, api_key: str | None = None, timeout: float = 30.0) -> tuple[int, bytes]:
+    """POST ``payload`` as JSON to ``url`` directly; (status, body), as :func:`get`."""
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with _OPENER.open(req, timeout=timeout) as resp:
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read() or b""
 
 
 def openai_http_client(openai: Any) -> Any:

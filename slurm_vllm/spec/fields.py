@@ -155,6 +155,9 @@ class EnvironmentSection(_Section):
     env: Annotated[dict[str, str], BeforeValidator(_env_value)] = Field(
         default_factory=dict, description="Environment variables to export.")
     python: str = Field(default="python3", description="Python that runs `-m slurm_vllm node` on each node.")
+    cache_dir: str | None = Field(
+        default=None, description="Compile caches (vLLM, inductor, Triton) kept per vLLM version for the next job; "
+                                  "default: cache/ beside the jobs root; none turns them off.")
 
 
 class ServeSection(_Section):

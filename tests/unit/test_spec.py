@@ -635,3 +635,17 @@ def test_a_yaml_alias_bomb_is_refused_fast_with_a_short_message(tmp_path):
 def test_error_messages_cut_long_values():
     err = one_error("job_name", "org/M", job_name="x\x01" + "y" * 5000)
     assert len(str(err)) < 600 and "characters)" in str(err)
+
+
+def test_cache_dir_is_made_absolute_none_stays_a_word(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert ServeSpec("org/M", cache_dir="c").environment.cache_dir == str(tmp_path / "c")
+    assert ServeSpec("org/M", cache_dir="none").environment.cache_dir == "none"
+    assert ServeSpec("org/M").environment.cache_dir is None
+
+
+def test_cache_dir_empty_or_unbindable_is_refused(tmp_path):
+    err = one_error("cache_dir", "org/M", cache_dir=" ")
+    assert "none" in err.fix
+    err = one_error("cache_dir", "org/M", cache_dir="/scratch/a:b", container="docker://org/img:1")
+    assert "--bind" in err.fix
