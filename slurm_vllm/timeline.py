@@ -23,6 +23,7 @@ The node side records, in this order:
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -214,20 +215,9 @@ def render_table(moments: list[Moment], title: str = "", width: int = 100) -> st
     """The table as plain text (no colour codes), for tests and pipes."""
     from rich.console import Console  # noqa: PLC0415
 
-    console = Console(width=width, no_color=True, color_system=None, force_terminal=False,
-                      record=True, file=_Null())
-    console.print(table(moments, title))
-    return str(console.export_text())
-
-
-class _Null:
-    """A file that drops what is written (the console records it instead)."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
+    out = io.StringIO()
+    Console(width=width, no_color=True, color_system=None, force_terminal=False, file=out).print(table(moments, title))
+    return out.getvalue()
 
 
 # --------------------------------------------------------------------------------------------
