@@ -8,9 +8,10 @@ This module owns the one interface between the login side and the compute nodes:
   (``SLURM_RESTART_COUNT``); every record names the run that wrote it, and :func:`is_current`
   is the one rule every reader on either side uses to decide whether a record is the current
   run's;
-- the **records** (:class:`StateRecord`, :class:`HeadRecord`, :class:`EndpointRecord`), written
-  atomically (temporary name in the same folder, then rename) and read tolerantly: a missing,
-  truncated, corrupt or foreign file is "absent", with one short warning, never a crash;
+- the **records** (:class:`StateRecord` with its timeline of :class:`Mark`, :class:`HeadRecord`,
+  :class:`EndpointRecord`), written atomically (temporary name in the same folder, then rename)
+  and read tolerantly: a missing, truncated, corrupt or foreign file is "absent", with one short
+  warning, never a crash;
 - **creation** (:func:`create_job_dir`): unique and atomic, private (0700), marked as ours, and
   undone by :meth:`JobDir.remove` when a submission fails.
 
