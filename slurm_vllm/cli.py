@@ -213,8 +213,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         dicts = [s.to_dict() for s in sts]
         _print_json(dicts[0] if len(dicts) == 1 else dicts)
     else:
+        from slurm_vllm.timeline import one_line  # noqa: PLC0415
+
         for s in sts:
             print(f"{s.job_id}\t{s.summary()}")
+            if s.durations:
+                print(f"  time to ready: {one_line(s.durations)}")
             if s.phase == "FAILED":
                 if s.log_tail:
                     print("  " + s.log_tail.replace("\n", "\n  "))
@@ -238,6 +242,10 @@ def _wait(job: Any, timeout: float | None, as_json: bool, quiet: bool = False) -
     else:
         line = st.summary() if st is not None and st.phase.serving else f"READY {ep.base_url}"
         print(f"{line}  model={ep.model}")
+        if st is not None and st.durations:
+            from slurm_vllm.timeline import one_line  # noqa: PLC0415
+
+            _err(f"time to ready: {one_line(st.durations)}")
         _show_how_to_reach(job, ep)
         _err(f'use it with: eval "$(slurm-vllm endpoint {job.job_id} --env)"')
     return ExitCode.OK
@@ -317,6 +325,37 @@ def cmd_metrics(args: argparse.Namespace) -> int:
             time.sleep(max(0.0, args.every - args.interval))
         except KeyboardInterrupt:
             return ExitCode.OK
+
+
+def cmd_timeline(args: argparse.Namespace) -> int:
+    from slurm_vllm import slurm, timeline  # noqa: PLC0415
+
+    job = _attach(args.job)
+    st = job.status()
+    moments = timeline.from_dicts(st.timeline)
+    names = {m.name for m in moments}
+    if job.job_id and not {timeline.SUBMITTED, timeline.STARTED} <= names:
+        # The head could not ask Slurm (or the job never started): one question from here.
+        try:
+            times = slurm.job_times(job.job_id)
+            moments = timeline.merge(moments, {timeline.SUBMITTED: times.submitted, timeline.STARTED: times.started})
+        except SlurmCommandError as exc:
+            _err(f"warning: Slurm's submit and start times are unknown ({exc})")
+    spans = timeline.durations(moments)
+    if args.json:
+        _print_json({"job_id": job.job_id, "phase": st.phase.value, "restart": st.restart,
+                     "timeline": [m.to_dict() for m in moments], "durations": spans})
+        return ExitCode.OK
+    if not moments:
+        _err(f"job {job.job_id}: nothing recorded yet ({st.summary()})")
+        return ExitCode.OK
+    from rich.console import Console  # noqa: PLC0415 - only for this command
+
+    attempt = f", attempt {st.restart}" if st.restart else ""
+    Console().print(timeline.table(moments, title=f"job {job.job_id}{attempt}: {st.summary()}"))
+    if spans:
+        print(f"time to ready: {timeline.one_line(spans)}")
+    return ExitCode.OK
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -478,6 +517,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--every", type=float, default=5.0, metavar="S", help="with --watch: seconds between readings")
     p.add_argument("--interval", type=float, default=1.0, metavar="S",
                    help="seconds between the two readings a rate (tokens/s) is computed from")
+
+    p = add("timeline", cmd_timeline, "when each step of the job's start began, and how long each took")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--json", action="store_true")
 
     p = add("logs", cmd_logs, "print a node's log (default: the head, node 0)")
     p.add_argument("job", metavar="JOB")

@@ -3,7 +3,7 @@
 Login and compute nodes often set ``http_proxy``/``https_proxy`` for model downloads. A request
 to a compute node must not follow them: the proxy usually cannot reach the node (a healthy
 server would look dead), and the job's API key would travel to the proxy in clear text. Every
-request this package sends to a job's endpoint goes through :func:`get` or
+request this package sends to a job's endpoint goes through :func:`get`, :func:`post` or
 :func:`openai_http_client`, which ignore the environment's proxy settings.
 """
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slurm_vllm import direct_http, slurm
+from slurm_vllm import direct_http, slurm, timeline
 from slurm_vllm.errors import (
     EndpointNotReadyError,
     JobBlockedError,
@@ -86,6 +86,8 @@ class JobStatus:
     forgotten: bool = False  # Slurm has no record of the job and no record of ours is final
     log_tail: str = ""
     elapsed: str = ""
+    timeline: list[dict[str, Any]] = field(default_factory=list)  # this run's moments (timeline.py)
+    durations: dict[str, float] = field(default_factory=dict)  # seconds per stretch: queued, ray, ...
     checked_at: float = field(default_factory=time.time)
 
     @property
@@ -190,6 +192,8 @@ def combine(
     )
     if status.nodes_expected is None and sjob is not None and sjob.nodes:
         status.nodes_expected = sjob.nodes
+    moments = timeline.build(st)
+    status.timeline, status.durations = [m.to_dict() for m in moments], timeline.durations(moments)
     cat = sjob.category if sjob else slurm.Category.UNKNOWN
     attempt = status.restart or 0
 

@@ -8,9 +8,10 @@ This module owns the one interface between the login side and the compute nodes:
   (``SLURM_RESTART_COUNT``); every record names the run that wrote it, and :func:`is_current`
   is the one rule every reader on either side uses to decide whether a record is the current
   run's;
-- the **records** (:class:`StateRecord`, :class:`HeadRecord`, :class:`EndpointRecord`), written
-  atomically (temporary name in the same folder, then rename) and read tolerantly: a missing,
-  truncated, corrupt or foreign file is "absent", with one short warning, never a crash;
+- the **records** (:class:`StateRecord` with its timeline of :class:`Mark`, :class:`HeadRecord`,
+  :class:`EndpointRecord`), written atomically (temporary name in the same folder, then rename)
+  and read tolerantly: a missing, truncated, corrupt or foreign file is "absent", with one short
+  warning, never a crash;
 - **creation** (:func:`create_job_dir`): unique and atomic, private (0700), marked as ours, and
   undone by :meth:`JobDir.remove` when a submission fails.
 
@@ -30,6 +31,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -190,6 +192,27 @@ class Record(BaseModel):
 R = TypeVar("R", bound=Record)
 
 
+class Mark(BaseModel):
+    """One moment of the run's timeline: when ``name`` (with ``detail``, e.g. ``2/4`` nodes) was
+    first reached, in seconds since the epoch; ``ok`` is False for a step that was tried and failed.
+
+    Phases have their own times (``phase_times``); marks are the moments in between that only
+    the node side sees (see :mod:`slurm_vllm.timeline` for the names).
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str
+    at: float
+    detail: str = ""
+    ok: bool = True
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What makes a mark unique in a run: a moment is recorded the first time only."""
+        return self.name, self.detail
+
+
 #: A replica's own phase (the job's phase is derived from all of them: READY, DEGRADED, FAILED).
 ReplicaPhase = Literal["starting", "ready", "restarting", "failed", "ended"]
 
@@ -248,6 +271,7 @@ class StateRecord(Record):
     replicas_ready: int | None = None
     replicas_expected: int | None = None
     router_address: str = ""  # vllm-router's loopback address on the head node (never published beyond it)
+    timeline: list[Mark] = Field(default_factory=list)
 
 
 class HeadRecord(Record):
@@ -298,6 +322,20 @@ def default_jobs_root() -> Path:
     return (Path(home) if home else Path.home() / ".slurm_vllm") / "jobs"
 
 
+#: The word that turns the compile caches off (``cache_dir: none``).
+NO_CACHE = "none"
+
+
+def cache_root(value: str | None) -> Path | None:
+    """The compile caches' folder for a spec's ``cache_dir``: the given path, the per-user
+    default beside the jobs root (``$SLURM_VLLM_HOME/cache``) when unset, None for ``none``."""
+    if value is None or not value.strip():
+        return default_jobs_root().parent / "cache"
+    if value.strip().lower() == NO_CACHE:
+        return None
+    return Path(value).expanduser()
+
+
 def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never a mix."""
     path = Path(path)
@@ -336,6 +374,12 @@ def _mkdir_private(path: Path) -> bool:
     except FileExistsError:
         return False
     return True
+
+
+def mkdir_private(path: Path) -> None:
+    """Create ``path`` and missing parents 0700, leaving existing folders as they are; safe when
+    another job creates the same folders at the same moment (the shared cache folder)."""
+    _mkdir_private(Path(path))
 
 
 @dataclass(frozen=True)
@@ -669,23 +713,52 @@ def _set_previous_aside(jd: JobDir, entries: Iterable[str]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def write_state(jobdir: JobDir, run: Run, phase: Phase | str, **fields: Any) -> StateRecord:
+#: The head writes state.json from more than one thread (its main flow, a helper asking Slurm
+#: for the queue times): read-modify-write must not lose an update.
+_STATE_LOCK = threading.RLock()
+
+
+def write_state(jobdir: JobDir, run: Run, phase: Phase | str, marks: Iterable[Mark] = (),
+                **fields: Any) -> StateRecord:
     """Merge ``fields`` into this run's ``state.json`` with a new phase and timestamp, atomically.
 
-    Only the head writes this file, so read-modify-write needs no lock. A file of another run is
-    not merged into (it should have been archived; it is replaced).
+    Only the head writes this file (one lock serialises its threads), so read-modify-write needs
+    no file lock. A file of another run is not merged into (it should have been archived; it is
+    replaced). ``marks`` join the timeline unless a mark with the same name and detail is already
+    there: each moment keeps the time it was first reached.
     """
     phase = Phase(phase)
     if phase not in WRITTEN_PHASES:
         raise ValueError(f"the job does not write phase {phase}")
-    old = jobdir.read_state(run)
-    now = time.time()
-    data: dict[str, Any] = old.model_dump() if old else {"started_at": now}
-    times = dict(data.get("phase_times") or {})
-    if data.get("phase") != phase:
-        times[phase.value] = now
-    data.update({k: ("" if v is None and k in ("reason", "log_tail") else v) for k, v in fields.items()})
-    data.update(job_id=run.job_id, restart=run.restart or 0, phase=phase, updated_at=now, phase_times=times)
-    record = StateRecord.model_validate(data)
-    record.write(jobdir.state)
-    return record
+    with _STATE_LOCK:
+        old = jobdir.read_state(run)
+        now = time.time()
+        data: dict[str, Any] = old.model_dump() if old else {"started_at": now}
+        times = dict(data.get("phase_times") or {})
+        if data.get("phase") != phase:
+            times[phase.value] = now
+        timeline = [Mark.model_validate(m) for m in data.get("timeline") or []]
+        seen = {m.key for m in timeline}
+        for mark in marks:
+            if mark.key not in seen:
+                timeline.append(mark)
+                seen.add(mark.key)
+        data.update({k: ("" if v is None and k in ("reason", "log_tail") else v) for k, v in fields.items()})
+        data.update(job_id=run.job_id, restart=run.restart or 0, phase=phase, updated_at=now, phase_times=times,
+                    timeline=timeline)
+        record = StateRecord.model_validate(data)
+        record.write(jobdir.state)
+        return record
+
+
+def add_marks(jobdir: JobDir, run: Run, *marks: Mark) -> StateRecord | None:
+    """Add ``marks`` to this run's timeline, keeping its phase; None when the run has no state yet.
+
+    The phase is read and written back under the lock, so a mark never undoes a phase another
+    thread wrote in between.
+    """
+    with _STATE_LOCK:
+        old = jobdir.read_state(run)
+        if old is None:
+            return None
+        return write_state(jobdir, run, old.phase, marks=marks)

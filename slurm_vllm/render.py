@@ -27,12 +27,15 @@ from slurm_vllm.jobdir import (
     JobDir,
     JobDirError,
     atomic_write,
+    cache_root,
     create_job_dir,
     default_jobs_root,
+    mkdir_private,
     write_json,
 )
 from slurm_vllm.node_env import NodeEnv, require
 from slurm_vllm.spec import ServeSpec, validate_spec
+from slurm_vllm.vllm_args import LOAD_STRATEGY_FLAG, user_sets
 
 DEFAULT_TEMPLATE = "serve.sbatch.j2"
 
@@ -112,9 +115,13 @@ def make_environment() -> jinja2.Environment:
 
 
 def container_binds(spec: ServeSpec, job_dir: str) -> list[str]:
-    """The container's ``--bind`` list: the job directory; a local model, read-only, unless one
-    of the user's binds already shows it at its own path; then the user's binds."""
+    """The container's ``--bind`` list: the job directory; the compile caches' folder; a local
+    model, read-only, unless one of the user's binds already shows it at its own path; then the
+    user's binds."""
     binds = [job_dir]
+    cache = cache_root(spec.environment.cache_dir)
+    if cache is not None and not any(_shows_at_own_path(b, str(cache)) for b in spec.environment.container_binds):
+        binds.append(str(cache))
     if spec.is_local_model:
         model = spec.model.name
         if not any(_shows_at_own_path(bind, model) for bind in spec.environment.container_binds):
@@ -160,6 +167,8 @@ def _context(spec: ServeSpec, jobdir: JobDir, node_env: NodeEnv | None = None) -
         "node_argv": node_argv,
         "activate": os.path.join(e.venv, "bin", "activate") if e.venv else None,
         "node_env_comment": node_env.comment_lines() if node_env is not None else [],
+        "cache_dir": str(cache_root(e.cache_dir) or ""),
+        "prefetch_note": spec.is_local_model and not user_sets(spec.model.extra_args, LOAD_STRATEGY_FLAG),
     }
 
 
@@ -189,6 +198,22 @@ def render_script(spec: ServeSpec, jobdir: JobDir, template: str | os.PathLike[s
     except shell.UnsafeValueError as exc:
         raise SpecError("spec", str(exc), "remove the character the message names",
                         problem="cannot be written into the script") from None
+
+
+def _resolved(spec: ServeSpec, jobdir: JobDir) -> ServeSpec:
+    """The spec as the job will read it (``spec.json``): its job directory, and the compile
+    caches' folder fixed now, so the nodes need not know this side's ``$SLURM_VLLM_HOME``.
+
+    A container can only bind a folder that exists: for one, the caches' folder is created here
+    (0700; an existing one is left as it is).
+    """
+    data = spec.model_dump(mode="json")
+    cache = cache_root(spec.environment.cache_dir)
+    data["job_dir"] = str(jobdir.path)
+    data["environment"]["cache_dir"] = str(cache) if cache is not None else "none"
+    if cache is not None and spec.environment.container:
+        mkdir_private(cache)
+    return ServeSpec.model_validate(data, context={"check_paths": False})
 
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -257,9 +282,7 @@ def prepare_submission(
                         f"choose a writable place ({exc.strerror or exc})", problem="cannot be created") from None
     jobdir = created.jobdir
     try:
-        resolved = ServeSpec.model_validate(
-            {**spec.model_dump(mode="json"), "job_dir": str(jobdir.path)}, context={"check_paths": False}
-        )
+        resolved = _resolved(spec, jobdir)
         script = render_script(resolved, jobdir, template, node_env=node_env)
         write_json(jobdir.spec, resolved.model_dump(mode="json"), mode=0o600)
         if resolved.serve.api_key:

@@ -15,6 +15,7 @@ call (plus one ``sacct`` call for the jobs ``squeue`` has already forgotten), ne
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import os
 import re
 import subprocess
@@ -60,6 +61,8 @@ def _subprocess_runner(argv: list[str], timeout: float) -> Completed:
     proc = subprocess.run(  # noqa: S603 - argv list, never a shell
         argv,
         shell=False,
+        # Dates as ISO 8601 whatever the user's own SLURM_TIME_FORMAT says (job_times parses them).
+        env={**os.environ, "SLURM_TIME_FORMAT": "standard"},
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -478,6 +481,59 @@ def sacct(job_ids: Iterable[str], timeout: float = DEFAULT_TIMEOUT) -> list[Slur
 
 
 # --------------------------------------------------------------------------------------------
+# When a job was submitted and started (the queue wait)
+# --------------------------------------------------------------------------------------------
+
+
+def parse_slurm_time(text: str) -> float | None:
+    """An ISO date as Slurm prints it (``2025-01-01T12:00:00``, local time) in epoch seconds;
+    None for ``Unknown``, ``N/A``, ``None`` or anything else."""
+    try:
+        return _dt.datetime.strptime(text.strip(), "%Y-%m-%dT%H:%M:%S").timestamp()
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class JobTimes:
+    """When Slurm queued a job and when it gave it its nodes (None: not known, not started)."""
+
+    submitted: float | None
+    started: float | None
+
+    @property
+    def queue_wait(self) -> float | None:
+        if self.submitted is None or self.started is None:
+            return None
+        return max(0.0, self.started - self.submitted)
+
+
+def job_times(job_id: str, timeout: float = DEFAULT_TIMEOUT) -> JobTimes:
+    """Submit and start time of one job: squeue while Slurm still lists it, else sacct.
+
+    One call each at most, asked once per run (by the head as it starts, or by ``timeline``),
+    never by the status poller. A pending job's StartTime is only Slurm's estimate: not a start.
+    """
+    fmt = f"JobID:0{SEP},State:0{SEP},SubmitTime:0{SEP},StartTime:0"
+    argv = ["squeue", "--noheader", "--states=all", "--jobs=" + str(job_id), "--Format=" + fmt]
+    try:
+        rows = _rows(run(argv, timeout=timeout).stdout, 4)
+    except SlurmCommandError as err:
+        if "invalid job id" not in err.stderr.lower():
+            raise
+        rows = []
+    if not rows:
+        argv = ["sacct", "--allocations", "--noheader", "--parsable2", "--delimiter=" + SEP,
+                "--format=JobID,State,Submit,Start", "--jobs=" + str(job_id)]
+        rows = [r for r in _rows(run(argv, timeout=timeout).stdout, 4) if "." not in r[0]]
+    for jid, state, submitted, started in rows:
+        if jid.strip() == str(job_id):
+            pending = parse_state(state).category is Category.PENDING
+            return JobTimes(parse_slurm_time(submitted), None if pending else parse_slurm_time(started))
+    return JobTimes(None, None)
+
+
+# --------------------------------------------------------------------------------------------
 # The poller: many jobs, one squeue call, rate-limited
 # --------------------------------------------------------------------------------------------
 
@@ -624,8 +680,8 @@ def scancel(job_id: str, signal: str | None = None, timeout: float = DEFAULT_TIM
 
 
 __all__ = [
-    "Category", "Completed", "POLLER", "PendingReason", "Poller", "ReasonKind", "SEP", "STATE_TABLE",
-    "SlurmJob", "SlurmState", "find_job_by_workdir", "is_transient", "parse_reason",
+    "Category", "Completed", "JobTimes", "POLLER", "PendingReason", "Poller", "ReasonKind", "SEP", "STATE_TABLE",
+    "SlurmJob", "SlurmState", "find_job_by_workdir", "is_transient", "job_times", "parse_reason",
     "parse_sacct", "parse_sbatch_parsable", "parse_squeue", "parse_state", "run", "sacct", "sbatch",
     "scancel", "squeue", "use_runner",
 ]

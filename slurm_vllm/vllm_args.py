@@ -4,11 +4,16 @@ refusal names), how vLLM's own parser reads an argument, the ``vllm serve`` argv
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import importlib.util
+import json
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -145,6 +150,20 @@ def vllm_executable(env: Mapping[str, str] | None = None) -> list[str]:
     return ["vllm"]
 
 
+def user_sets(args: Sequence[str], flag: str) -> bool:
+    """Whether the user's vLLM ``args`` set ``flag``, read as vLLM's parser reads them: any
+    spelling (``--flag_name``, ``--flag=v``) and any prefix argparse would expand to it. A
+    prefix counts even if vLLM might find it ambiguous: the tool then adds nothing, which is
+    the safe side."""
+    for arg in args:
+        if not arg.startswith("--") or arg == "--":
+            continue
+        name = _vllm_flag(arg)[0]
+        if name == flag or (len(name) > 2 and flag.startswith(name)):
+            return True
+    return False
+
+
 def build_serve_argv(
     spec: ServeSpec,
     *,
@@ -157,6 +176,7 @@ def build_serve_argv(
     master_port: int | None = None,
     executable: Sequence[str] = ("vllm",),
     shutdown_timeout: int | None = None,
+    load_strategy: str | None = None,
 ) -> list[str]:
     """The ``vllm serve`` argv for one node; no secret appears in it.
 
@@ -164,6 +184,7 @@ def build_serve_argv(
     than 0 headless (they serve no API; rank 0 does). ``local``: one node on its own (a replica),
     vLLM's default executor. ``shutdown_timeout``: how long vLLM lets
     in-flight requests finish after SIGTERM (``--shutdown-timeout``), unless the user set it.
+    ``load_strategy``: ``--safetensors-load-strategy``, unless the user set it.
     """
     backend = backend or spec.backend
     errors = check_extra_args(spec)
@@ -194,8 +215,81 @@ def build_serve_argv(
     user_args = list(spec.model.extra_args)
     if shutdown_timeout and not any(_vllm_flag(a)[0] == "--shutdown-timeout" for a in user_args):
         argv += ["--shutdown-timeout", str(shutdown_timeout)]
+    if load_strategy and not user_sets(user_args, LOAD_STRATEGY_FLAG):
+        argv += [LOAD_STRATEGY_FLAG, load_strategy]
     argv += user_args
     return argv
+
+
+#: vLLM's option for how safetensors weights are read (``prefetch``: into the page cache first).
+LOAD_STRATEGY_FLAG = "--safetensors-load-strategy"
+
+
+@dataclass(frozen=True)
+class VllmInstall:
+    """The vLLM a node runs: its version and package folder (None where not found)."""
+
+    version: str | None
+    package_dir: Path | None
+
+    def source_has(self, text: str, *files: str) -> bool:
+        """Whether any of ``files`` (relative to the package) holds ``text``; read, never imported."""
+        if self.package_dir is None:
+            return False
+        for rel in files:
+            try:
+                if text in (self.package_dir / rel).read_text(errors="replace"):
+                    return True
+            except OSError:
+                continue
+        return False
+
+    @property
+    def has_prefetch_load(self) -> bool:
+        """``--safetensors-load-strategy prefetch`` exists: the option (engine/arg_utils.py) and its
+        ``prefetch`` value (the load config; older vLLMs had the option with lazy/eager only)."""
+        return self.source_has(f'"{LOAD_STRATEGY_FLAG}"', "engine/arg_utils.py") and self.source_has(
+            '"prefetch"', "config/load.py", "config/__init__.py", "config.py", "engine/arg_utils.py")
+
+
+def _this_python_vllm() -> VllmInstall | None:
+    """vLLM as this interpreter's packages have it (importlib.metadata; nothing imported)."""
+    try:
+        version = importlib.metadata.version("vllm")
+        spec = importlib.util.find_spec("vllm")
+    except (importlib.metadata.PackageNotFoundError, ImportError, ValueError):
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return VllmInstall(version, Path(locations[0]) if locations else None)
+
+
+def _script_python_vllm(executable: Sequence[str]) -> VllmInstall | None:
+    """vLLM as the interpreter on the command's ``#!`` line has it (when the node program's own
+    Python lacks it), asked in one short subprocess that imports nothing of vLLM."""
+    try:
+        with open(executable[0], "rb") as f:
+            first = f.readline(512).decode(errors="replace")
+    except (OSError, IndexError):
+        return None
+    if not first.startswith("#!"):
+        return None
+    code = ("import importlib.metadata as m, importlib.util as u, json; s = u.find_spec('vllm'); "
+            "d = list(s.submodule_search_locations)[0] if s and s.submodule_search_locations else ''; "
+            "print(json.dumps([m.version('vllm') if d else '', d]))")
+    try:
+        out = subprocess.run([*first[2:].split(), "-c", code], capture_output=True, text=True, timeout=30,
+                             check=False).stdout.strip()
+        version, folder = json.loads(out or '["", ""]')
+    except (OSError, subprocess.SubprocessError, ValueError, TypeError):
+        return None
+    return VllmInstall(str(version) or None, Path(folder) if folder else None) if folder else None
+
+
+@functools.lru_cache(maxsize=8)
+def installed_vllm(executable: tuple[str, ...]) -> VllmInstall:
+    """The vLLM the node runs, looked up once per node program (the answer does not change while
+    it runs): this Python's packages first (importlib.metadata), else the command's interpreter."""
+    return _this_python_vllm() or _script_python_vllm(executable) or VllmInstall(None, None)
 
 
 def vllm_drains_on_sigterm(executable: Sequence[str]) -> bool:

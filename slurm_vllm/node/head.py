@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from slurm_vllm import timeline
 from slurm_vllm.errors import NodeError
-from slurm_vllm.jobdir import Phase, tail_lines
+from slurm_vllm.jobdir import Mark, Phase, tail_lines
 from slurm_vllm.node import ray_cluster
 from slurm_vllm.node.context import ENV_NO_SERVE, NodeContext, hold
 from slurm_vllm.node.lifecycle import OwnedProcess
+from slurm_vllm.node.moments import ask_slurm_times
 from slurm_vllm.node.ports import PortPlan
 from slurm_vllm.node.ray_launch import launcher_argv
 from slurm_vllm.node.topology import Topology
@@ -33,7 +35,9 @@ class Head:
     def run(self, spec: ServeSpec, topo: Topology, ports: PortPlan, token: Path) -> int:
         n, hosts = topo.num_nodes, list(topo.hosts[: topo.num_nodes])
         self.p.write_state(Phase.STARTING_RAY, nodes_joined=0, nodes_expected=n, missing_hosts=hosts,
-                           reason=None, log_tail="", head_host=topo.hostname)
+                           reason=None, log_tail="", head_host=topo.hostname,
+                           marks=[Mark(name=timeline.ALLOCATED, at=self.p.started_at)])
+        ask_slurm_times(self.p.jobdir, self.p.current_run(), self.p.log)
         env = ray_cluster.ray_env(self.p.env, node_ip=topo.node_ip, interface=topo.interface, token_path=token)
         os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
         os.environ.pop("RAY_AUTH_TOKEN", None)
@@ -49,12 +53,14 @@ class Head:
                                          timeout=max(0.0, deadline - time.monotonic()), host=topo.hostname):
             return 0
         self.p.log(f"ray head up in {time.monotonic() - t0:.1f}s; waiting for {n} nodes")
+        timeline.record(self.p.jobdir, self.p.current_run(), timeline.RAY_HEAD, log=self.p.log)
         address = f"{topo.node_ip}:{ports.gcs}"
         watcher = ray_cluster.GcsWatcher(address)
 
         def progress(k: int, missing: list[str]) -> None:
             self.p.log(f"nodes {k}/{n}" + (f" (waiting for {', '.join(missing)})" if missing else ""))
-            self.p.write_state(Phase.STARTING_RAY, nodes_joined=k, nodes_expected=n, missing_hosts=missing)
+            self.p.write_state(Phase.STARTING_RAY, nodes_joined=k, nodes_expected=n, missing_hosts=missing,
+                               marks=timeline.joined_marks(k, n))
 
         try:
             alive = ray_cluster.wait_for_nodes(watcher, expected=n, hosts=hosts,
@@ -71,6 +77,7 @@ class Head:
                    + ", ".join(f"{a.name}={a.ip}" for a in alive))
         self.p.write_state(Phase.LOADING_MODEL, nodes_joined=n, nodes_expected=n, missing_hosts=[],
                            ray_address=address, cluster_ready_seconds=round(took, 2),
+                           marks=timeline.joined_marks(n, n),
                            nodes=[{"host": a.name, "ip": a.ip, "head": a.is_head} for a in alive])
         child_env = dict(env, RAY_ADDRESS=address)
         ctx = self.p.context(topo, ports, child_env, ray_address=address)

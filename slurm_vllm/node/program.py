@@ -19,16 +19,18 @@ from pathlib import Path
 from typing import IO, Any
 
 from slurm_vllm.errors import NodeError, SlurmVllmError
-from slurm_vllm.jobdir import HeadRecord, JobDir, Phase, Run, parse_restart, tail_lines, write_state
-from slurm_vllm.node import lifecycle, ray_cluster, topology
+from slurm_vllm.jobdir import HeadRecord, JobDir, Mark, Phase, Run, parse_restart, tail_lines, write_state
+from slurm_vllm.node import lifecycle, ray_cluster, topology, warm
 from slurm_vllm.node.context import ENV_NO_SERVE, NodeContext, hold
 from slurm_vllm.node.head import Head
 from slurm_vllm.node.lifecycle import OwnedProcess, Stopper
+from slurm_vllm.node.moments import ask_slurm_times
 from slurm_vllm.node.ports import PortPlan, claim_slot, plan_ports
 from slurm_vllm.node.ray_launch import Launch
 from slurm_vllm.node.topology import Topology
 from slurm_vllm.node.worker import Worker
 from slurm_vllm.spec import ServeSpec, load_spec_json
+from slurm_vllm.timeline import ALLOCATED
 
 #: Debug aid: keep the per-node Ray temp dir (its logs) after the node program ends.
 ENV_KEEP_TMP = "SLURM_VLLM_KEEP_RAY_TMP"
@@ -55,7 +57,7 @@ class NodeProgram:
         self.topo: Topology | None = None
         self.run_id: Run | None = None
         self._wrote_head = False
-        self._t0 = time.time()
+        self.started_at = time.time()  # the timeline's "allocated" on the head
 
     # ------------------------------------------------------------ shared by every role
 
@@ -164,6 +166,7 @@ class NodeProgram:
             # A requeued job: the previous run's records move next to its logs, never reread.
             for moved in self.jobdir.archive_previous_run(run):
                 self.log(f"kept the previous run's {moved.name} as {moved}")
+        self.env.update(warm.cache_vars(spec.environment.cache_dir, self.env, self.log))
         self.ports = ports = self._plan_ports(topo)
         self.temp_dir = ray_cluster.make_temp_dir(topo.job_id, topo.rank)
         self._sweep_stale_temp_dirs(topo)
@@ -281,7 +284,9 @@ class NodeProgram:
         env = ray_cluster.ray_env(self.env, node_ip=topo.node_ip, interface=topo.interface, token_path=None)
         if topo.is_head:
             self.write_state(Phase.LOADING_MODEL, nodes_joined=topo.num_nodes,
-                             nodes_expected=topo.num_nodes, missing_hosts=[], reason=None)
+                             nodes_expected=topo.num_nodes, missing_hosts=[], reason=None,
+                             marks=[Mark(name=ALLOCATED, at=self.started_at)])
+            ask_slurm_times(self.jobdir, self.current_run(), self.log)
             self.publish_head(topo, ports)
         ctx = self.context(topo, ports, env, ray_address=None)
         if self.env.get(ENV_NO_SERVE) == "1":

@@ -21,12 +21,15 @@ import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from slurm_vllm import direct_http
 from slurm_vllm.errors import NodeError
 from slurm_vllm.jobdir import EndpointRecord, Phase, ReplicaRecord, write_state
+from slurm_vllm.node import serve
 from slurm_vllm.node.context import NodeContext
 from slurm_vllm.node.lifecycle import TIME_LIMIT, OwnedProcess
+from slurm_vllm.node.moments import probe_completion
 
 #: How rank 0 starts a process it owns (NodeProgram.start): name, argv, env, log file.
 Starter = Callable[[str, list[str], Mapping[str, str], Path], OwnedProcess]
@@ -140,16 +143,12 @@ def healthy(url: str) -> bool:
 
 def complete_one_token(base_url: str, api_key: str | None) -> str | None:
     """One-token completion through ``base_url`` (the front): the model id on success."""
-    try:
-        status, body = direct_http.get(base_url + "/models", api_key, timeout=10.0)
-        model = json.loads(body)["data"][0]["id"] if status == 200 else None
-        if model is None:
-            return None
-        status, _ = direct_http.post(base_url + "/completions", {"model": model, "prompt": "ping", "max_tokens": 1},
-                                     api_key, timeout=COMPLETION_TIMEOUT)
-    except (OSError, ValueError, KeyError, IndexError):
+    root = worker_url(base_url)
+    model = serve.probe(root, api_key, timeout=10.0)
+    if model is None:
         return None
-    return str(model) if status == 200 else None
+    ok, _ = probe_completion(root, api_key, model, COMPLETION_TIMEOUT)
+    return model if ok else None
 
 
 class RouterSupervisor:
@@ -159,7 +158,7 @@ class RouterSupervisor:
         self.ctx = ctx
         self.start = start
         self.served = False
-        self.last: dict[str, object] = {}
+        self.last: dict[str, Any] = {}
 
     def run(self, replica_thread: threading.Thread | None = None) -> int:
         ctx, ports, spec = self.ctx, self.ctx.ports, self.ctx.spec
@@ -228,7 +227,7 @@ class RouterSupervisor:
         """state.json, rewritten only when something a reader sees changed."""
         own = {"updated_at", "job_id", "restart"}  # the run is the state's own; the time changes always
         listed = [r.model_dump(mode="json", exclude=own) for r in records if r is not None]
-        fields: dict[str, object] = dict(reason=summary.reason, replicas=listed, replicas_ready=summary.ready,
+        fields: dict[str, Any] = dict(reason=summary.reason, replicas=listed, replicas_ready=summary.ready,
                                          replicas_expected=summary.expected,
                                          router_address=f"{LOOPBACK}:{self.ctx.ports.router}")
         if (summary.phase, fields) == (self.last.get("phase"), self.last.get("fields")):

@@ -35,12 +35,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from slurm_vllm import direct_http
+from slurm_vllm import direct_http, timeline
 from slurm_vllm.errors import NodeError
 from slurm_vllm.jobdir import EndpointRecord, HeadRecord, JobDir, Phase, Run, plain, tail_lines, write_state
 from slurm_vllm.node.context import NodeContext
 from slurm_vllm.node.lifecycle import TEARDOWN_GRACE, TIME_LIMIT, OwnedProcess, slurm_kill_wait, stop
+from slurm_vllm.node.moments import first_completion
 from slurm_vllm.node.ports import port_is_free
+from slurm_vllm.node.warm import load_strategy_for
 from slurm_vllm.vllm_args import build_serve_argv, vllm_drains_on_sigterm, vllm_executable
 
 #: How many lines of vLLM's log go into state.json when it fails.
@@ -352,11 +354,15 @@ def serve_and_watch(
     grace = stop_grace(slurm_kill_wait())
     drain = drain_budget(ctx.spec.resources.signal_grace)
     proc = launch(argv, env, log_path)
+    timeline.record(jobdir, run, timeline.VLLM_STARTED, log=ctx.log)
     base = f"http://{ip}:{port}"
     try:
         outcome = wait_ready(proc, base, api_key, ctx.stop_event, _ready_timeout(ctx))
         if outcome.kind == "ready":
             model = outcome.model or ctx.spec.model.served_name or ctx.spec.model.name
+            timeline.record(jobdir, run, timeline.ENGINE_READY, log=ctx.log)
+            first_completion(jobdir, run, base, api_key, model, stop_event=ctx.stop_event,
+                             alive=lambda: proc.poll() is None, log=ctx.log)
             write_endpoint(jobdir, run, ip=ip, port=port, model=model, host=ctx.head_host)
             write_state(jobdir, run, Phase.READY, load_seconds=round(time.monotonic() - started, 1))
             print(f"slurm_vllm: vLLM ready at {base}/v1 after {time.monotonic() - started:.0f} s", flush=True)
@@ -438,6 +444,7 @@ def run_head_serving(ctx: NodeContext) -> int:
         backend="ray",
         executable=vllm_executable(ctx.env or None),
         shutdown_timeout=_shutdown_timeout(ctx),
+        load_strategy=load_strategy_for(ctx.spec.model.name, ctx.spec.model.extra_args, ctx.env, ctx.log),
     )
     env = serve_env(os.environ, ctx.env, api_key=key, ray_address=ray_address(ctx))
     return serve_and_watch(ctx, argv, env, ip=ctx.head_ip, port=port, api_key=key,
@@ -493,6 +500,7 @@ def run_mp_node(ctx: NodeContext) -> int:
         master_port=mport,
         executable=vllm_executable(ctx.env or None),
         shutdown_timeout=_shutdown_timeout(ctx),
+        load_strategy=load_strategy_for(ctx.spec.model.name, ctx.spec.model.extra_args, ctx.env, ctx.log),
     )
     env = serve_env(os.environ, ctx.env, api_key=key)
     log_path = mp_log_path(ctx.jobdir, ctx.rank, ctx.run.restart or 0)

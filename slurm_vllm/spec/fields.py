@@ -164,6 +164,9 @@ class EnvironmentSection(_Section):
     python: str | None = Field(
         default=None, description="Python that runs `-m slurm_vllm node` on each node; unset: python3 after "
                                   "venv/container/setup, else the submitting interpreter.")
+    cache_dir: str | None = Field(
+        default=None, description="Compile caches (vLLM, inductor, Triton) kept per vLLM version for the next job; "
+                                  "default: cache/ beside the jobs root; none turns them off.")
 
 
 class ServeSection(_Section):

@@ -171,6 +171,9 @@ def _absolutize(out: dict[str, Any]) -> None:
     for key in ("venv",):
         if isinstance(env.get(key), str) and env[key]:
             env[key] = _absolute(env[key])
+    cache = env.get("cache_dir")
+    if isinstance(cache, str) and cache.strip() and cache.strip().lower() != "none":
+        env["cache_dir"] = _absolute(cache)
     image = env.get("container")
     if isinstance(image, str) and image and "://" not in image:
         env["container"] = _absolute(image)

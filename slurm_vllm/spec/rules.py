@@ -241,6 +241,14 @@ def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
         if spec.job_dir.strip() == "":
             add(SpecError("job_dir", spec.job_dir, "give a path or leave it unset", problem="is empty"))
 
+    if e.cache_dir is not None and not e.cache_dir.strip():
+        add(SpecError("cache_dir", e.cache_dir, "give a folder, none (no caches), or leave it unset for the "
+                                                "default", problem="is empty"))
+    elif e.container and e.cache_dir is not None and any(c in e.cache_dir for c in ":,"):
+        add(SpecError("cache_dir", e.cache_dir, "choose a path without ':' or ',' (the cache folder is bound "
+                                                "into the container with --bind, which splits on them)",
+                      problem="cannot be bound"))
+
     if e.container and spec.is_local_model and any(c in spec.model.name for c in ":,"):
         add(SpecError("model", spec.model.name,
                       "choose a model path without ':' or ',' (a local model is bound into the container "

@@ -68,8 +68,14 @@ CASES = {
 }
 
 
+@pytest.fixture
+def golden_home(monkeypatch):
+    """The default compile-cache folder (beside the jobs root) as the golden scripts name it."""
+    monkeypatch.setenv("SLURM_VLLM_HOME", "/home/alice/.slurm_vllm")
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_golden(name, tmp_path):
+def test_golden(name, tmp_path, golden_home):
     script = render_script(CASES[name](), JobDir(JOB_DIR))
     path = GOLDEN / f"{name}.sbatch"
     if os.environ.get("UPDATE_GOLDEN"):
@@ -80,7 +86,7 @@ def test_golden(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_golden_scripts_pass_bash_n_and_shellcheck(name, tmp_path):
+def test_golden_scripts_pass_bash_n_and_shellcheck(name, tmp_path, golden_home):
     path = tmp_path / "job.sbatch"
     path.write_text(render_script(CASES[name](), JobDir(JOB_DIR)))
     assert bash_n(path).returncode == 0, bash_n(path).stderr
@@ -150,6 +156,7 @@ def hostile_run(tmp_path):
         extra_args=["--chat-template", h, f"--x={h}"],
         served_name=h,
         job_dir=str(job_dir),
+        cache_dir=str(tmp_path / f"cache {h_path}"),
         partition=h.replace("#", "_"),
     )
     jobdir = prepare_job(spec)
@@ -163,7 +170,8 @@ def hostile_run(tmp_path):
                       cwd=tmp_path)
     return {"spec": spec, "jobdir": jobdir, "proc": proc, "canary": canary, "h": h, "record": record,
             "setup_out": setup_out, "counter": counter, "marker": marker, "image": image,
-            "script": jobdir.script.read_text(), "venv": venv, "h_path": h_path}
+            "script": jobdir.script.read_text(), "venv": venv, "h_path": h_path,
+            "cache": tmp_path / f"cache {h_path}"}
 
 
 def test_hostile_script_passes_bash_n_and_shellcheck(hostile_run):
@@ -187,7 +195,8 @@ def test_hostile_srun_gets_exact_argv(hostile_run):
     assert argv == [
         "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
         f"--output={shell.slurm_filename(jd)}/logs/node-%t.log",
-        "apptainer", "exec", "--nv", "--bind", jd, "--bind", f"/data/{hostile_run['h_path']}",
+        "apptainer", "exec", "--nv", "--bind", jd, "--bind", str(hostile_run["cache"]),
+        "--bind", f"/data/{hostile_run['h_path']}",
         str(hostile_run["image"]),
         "python3", "-m", "slurm_vllm", "node", "--job-dir", jd,
     ]
@@ -355,7 +364,7 @@ def test_real_sbatch_reads_hostile_values_byte_for_byte(hostile_run, tmp_path):
 def test_a_local_model_is_bound_into_the_container(binds, expect_model_bind):
     from slurm_vllm.render import container_binds
 
-    spec = unchecked(model="/models/llama", container="/images/vllm.sif", container_binds=binds)
+    spec = unchecked(model="/models/llama", container="/images/vllm.sif", container_binds=binds, cache_dir="none")
     got = container_binds(spec, "/home/u/job")
     assert got[0] == "/home/u/job" and got[len(got) - len(binds):] == binds
     added = got[1:len(got) - len(binds)]
@@ -365,8 +374,18 @@ def test_a_local_model_is_bound_into_the_container(binds, expect_model_bind):
 def test_a_hub_model_adds_no_bind():
     from slurm_vllm.render import container_binds
 
-    spec = unchecked(model="org/m", container="/images/vllm.sif")
+    spec = unchecked(model="org/m", container="/images/vllm.sif", cache_dir="none")
     assert container_binds(spec, "/j") == ["/j"]
+
+
+def test_the_compile_cache_folder_is_bound_unless_a_bind_shows_it():
+    from slurm_vllm.render import container_binds
+
+    spec = unchecked(model="org/m", container="/images/vllm.sif", cache_dir="/scratch/u/cache")
+    assert container_binds(spec, "/j") == ["/j", "/scratch/u/cache"]
+    spec = unchecked(model="org/m", container="/images/vllm.sif", cache_dir="/scratch/u/cache",
+                     container_binds=["/scratch"])
+    assert container_binds(spec, "/j") == ["/j", "/scratch"]
 
 
 def test_a_model_path_that_cannot_be_bound_is_refused(tmp_path):
@@ -399,3 +418,36 @@ def test_every_sbatch_option_the_template_writes_is_in_the_table_and_back():
 def test_options_the_template_sets_are_refused_in_sbatch_args(option):
     with pytest.raises(SpecErrors, match="is set by the tool"):
         ServeSpec("org/m", sbatch_args=[option])
+
+
+# --- compile caches -----------------------------------------------------------------------------
+
+
+def test_spec_json_fixes_the_cache_folder_at_submission(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_VLLM_HOME", str(tmp_path / "home"))
+    jd = prepare_job(ServeSpec("org/M", job_dir=str(tmp_path / "a")))
+    assert load_spec_json(jd.spec).environment.cache_dir == str(tmp_path / "home" / "cache")
+    assert not (tmp_path / "home" / "cache").exists()  # the nodes create it; no container needs it now
+    jd = prepare_job(ServeSpec("org/M", job_dir=str(tmp_path / "b"), cache_dir="none"))
+    assert load_spec_json(jd.spec).environment.cache_dir == "none"
+    assert "Compile caches" not in jd.script.read_text()
+
+
+def test_a_container_job_creates_its_cache_folder_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_VLLM_HOME", str(tmp_path / "home"))
+    image = tmp_path / "i.sif"
+    image.write_text("x")
+    jd = prepare_job(ServeSpec("org/M", job_dir=str(tmp_path / "a"), container=str(image),
+                               cache_dir=str(tmp_path / "c" / "cache")))
+    assert stat.S_IMODE((tmp_path / "c" / "cache").stat().st_mode) == 0o700
+    assert f"--bind {tmp_path / 'c' / 'cache'}" in jd.script.read_text()
+
+
+def test_the_prefetch_note_only_for_a_local_model_without_the_users_choice(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    assert "--safetensors-load-strategy prefetch" in render_script(ServeSpec(str(model)), JobDir(JOB_DIR))
+    assert "prefetch" not in render_script(ServeSpec("org/M"), JobDir(JOB_DIR))
+    mine = ServeSpec(str(model), extra_args=["--safetensors-load-strategy", "lazy"])
+    assert "passes --safetensors-load-strategy" not in render_script(mine, JobDir(JOB_DIR))

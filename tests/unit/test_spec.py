@@ -661,3 +661,17 @@ def test_replica_settings_are_checked_with_field_and_fix(kw: dict, field: str, w
     with pytest.raises(SpecErrors) as info:
         ServeSpec("org/m", **kw)
     assert any(e.field == field and words in str(e) for e in info.value.errors), str(info.value)
+
+
+def test_cache_dir_is_made_absolute_none_stays_a_word(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert ServeSpec("org/M", cache_dir="c").environment.cache_dir == str(tmp_path / "c")
+    assert ServeSpec("org/M", cache_dir="none").environment.cache_dir == "none"
+    assert ServeSpec("org/M").environment.cache_dir is None
+
+
+def test_cache_dir_empty_or_unbindable_is_refused(tmp_path):
+    err = one_error("cache_dir", "org/M", cache_dir=" ")
+    assert "none" in err.fix
+    err = one_error("cache_dir", "org/M", cache_dir="/scratch/a:b", container="docker://org/img:1")
+    assert "--bind" in err.fix
