@@ -177,6 +177,7 @@ def build_serve_argv(
     executable: Sequence[str] = ("vllm",),
     shutdown_timeout: int | None = None,
     load_strategy: str | None = None,
+    extra_flags: Sequence[str] = (),
 ) -> list[str]:
     """The ``vllm serve`` argv for one node; no secret appears in it.
 
@@ -184,7 +185,8 @@ def build_serve_argv(
     than 0 headless (they serve no API; rank 0 does). ``local``: one node on its own (a replica),
     vLLM's default executor. ``shutdown_timeout``: how long vLLM lets
     in-flight requests finish after SIGTERM (``--shutdown-timeout``), unless the user set it.
-    ``load_strategy``: ``--safetensors-load-strategy``, unless the user set it.
+    ``load_strategy``: ``--safetensors-load-strategy``, unless the user set it. ``extra_flags``:
+    switches the node adds (e.g. ``--enable-scale-out`` for a replica), each unless the user set it.
     """
     backend = backend or spec.backend
     errors = check_extra_args(spec)
@@ -217,6 +219,7 @@ def build_serve_argv(
         argv += ["--shutdown-timeout", str(shutdown_timeout)]
     if load_strategy and not user_sets(user_args, LOAD_STRATEGY_FLAG):
         argv += [LOAD_STRATEGY_FLAG, load_strategy]
+    argv += [flag for flag in extra_flags if not user_sets(user_args, flag)]
     argv += user_args
     return argv
 
@@ -250,6 +253,19 @@ class VllmInstall:
         ``prefetch`` value (the load config; older vLLMs had the option with lazy/eager only)."""
         return self.source_has(f'"{LOAD_STRATEGY_FLAG}"', "engine/arg_utils.py") and self.source_has(
             '"prefetch"', "config/load.py", "config/__init__.py", "config.py", "engine/arg_utils.py")
+
+
+    @property
+    def has_scale_out(self) -> bool:
+        """``--enable-scale-out`` exists: vLLM's ``/v1/completions/render`` and friends, which
+        vllm-router's cache-aware policy calls to tokenize (without them it gets 403 and
+        routes every request to one replica)."""
+        return self.source_has("enable_scale_out", "entrypoints/launchers/cli_args.py",
+                               "entrypoints/openai/cli_args.py")
+
+
+#: The switch that serves vLLM's render endpoints (what vllm-router's policies tokenize with).
+SCALE_OUT_FLAG = "--enable-scale-out"
 
 
 def _this_python_vllm() -> VllmInstall | None:

@@ -66,6 +66,7 @@ def main() -> int:
     ap.add_argument("--job", help="a READY job with replicas (id or directory)")
     ap.add_argument("--submit", metavar="MODEL", help="submit a 2-replica job of MODEL first (lab)")
     ap.add_argument("--profile", default=str(REPO / "scripts" / "lab" / "profile.yaml"))
+    ap.add_argument("--policy", default=None, help="with --submit: the router's policy (default: its own)")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=1)
     ap.add_argument("--json", type=Path)
@@ -75,7 +76,8 @@ def main() -> int:
     submitted = None
     if args.submit:
         argv = [sys.executable, "-m", "slurm_vllm", "submit", "--profile", args.profile, args.submit, "--nodes", "2",
-                "--replicas", "2", "--gpus-per-node", "1", "--mem", "5000M", "--json", "--",
+                "--replicas", "2", "--gpus-per-node", "1", "--mem", "5000M", "--json",
+                *(["--router-policy", args.policy] if args.policy else []), "--",
                 "--max-model-len", "256", "--dtype", "float32", "--enforce-eager"]
         submitted = json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)["job_id"]
         args.job = submitted

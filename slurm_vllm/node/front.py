@@ -83,7 +83,9 @@ def make_app(router: str, metrics: str, key: bytes | None) -> Any:
             return web.json_response(UNAUTHORIZED, status=401)
         base = metrics if which == "metrics" else router
         url = base + request.rel_url.path_qs
-        body = request.content if request.can_read_body else None
+        # OpenAI request bodies are small JSON: read whole, so they go on with a Content-Length
+        # (a streamed body would be sent chunked, and cost the router a slower parse).
+        body = await request.read() if request.can_read_body else None
         try:
             async with app[session_key].request(request.method, url, headers=forward_headers(request.headers),
                                               data=body, allow_redirects=False) as upstream:

@@ -20,7 +20,7 @@ from slurm_vllm.node import serve
 from slurm_vllm.node.context import NodeContext
 from slurm_vllm.node.lifecycle import TIME_LIMIT, slurm_kill_wait, stop
 from slurm_vllm.node.warm import load_strategy_for
-from slurm_vllm.vllm_args import build_serve_argv, vllm_executable
+from slurm_vllm.vllm_args import SCALE_OUT_FLAG, build_serve_argv, installed_vllm, vllm_executable
 
 #: Seconds before the first restart; doubled per restart, at most BACKOFF_MAX.
 BACKOFF_FIRST = 5.0
@@ -63,8 +63,11 @@ def serve_replica(ctx: NodeContext) -> None:
     base = f"http://{ctx.ip}:{port}"
     report = Reporter(ctx, index, base + "/v1")
     log_path = ctx.jobdir.vllm_log(ctx.run.restart or 0, ctx.rank)
-    argv = build_serve_argv(ctx.spec, host=ctx.ip, port=port, backend="local",
-                            executable=vllm_executable(ctx.env or None), shutdown_timeout=None,
+    executable = vllm_executable(ctx.env or None)
+    # The router's own (cache-aware) policy tokenizes through the replicas' render endpoints.
+    scale_out = [SCALE_OUT_FLAG] if installed_vllm(tuple(executable)).has_scale_out else []
+    argv = build_serve_argv(ctx.spec, host=ctx.ip, port=port, backend="local", executable=executable,
+                            shutdown_timeout=None, extra_flags=scale_out,
                             load_strategy=load_strategy_for(ctx.spec.model.name, ctx.spec.model.extra_args,
                                                             ctx.env, ctx.log))
     env = serve.serve_env(os.environ, ctx.env, api_key=key)

@@ -13,7 +13,6 @@ READY, DEGRADED while fewer than that serve, FAILED only when no replica is left
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import threading
 import time
@@ -41,23 +40,24 @@ POLL = 1.0
 COMPLETION_TIMEOUT = 120.0
 
 
-def router_executable(env: Mapping[str, str] | None = None) -> list[str]:
-    """The ``vllm-router`` command: from PATH (the job's venv/container), else next to this Python."""
-    found = shutil.which("vllm-router", path=(env or {}).get("PATH"))
-    if found:
-        return [found]
-    beside = Path(sys.executable).with_name("vllm-router")
-    if beside.exists():
-        return [str(beside)]
-    raise NodeError("replicas need vllm-router in the nodes' environment, and it is not installed there: "
-                    "pip install 'slurm-vllm[node]' (or vllm-router) into the job's venv or image")
+def require_router() -> None:
+    """vllm-router must be importable by this node's Python (the launcher below runs it there)."""
+    import importlib.util  # noqa: PLC0415
+
+    if importlib.util.find_spec("vllm_router") is None:
+        raise NodeError("replicas need vllm-router in the nodes' environment, and it is not installed there: "
+                        "pip install 'slurm-vllm[node]' (or vllm-router) into the job's venv or image")
 
 
-def router_argv(executable: Sequence[str], *, port: int, metrics_port: int, policy: str | None) -> list[str]:
-    """vllm-router on loopback, no worker yet, its metrics on loopback; no key on the command
-    line (the router forwards each client's own ``Authorization`` header to the replicas)."""
-    argv = [*executable, "--host", LOOPBACK, "--port", str(port),
-            "--prometheus-host", LOOPBACK, "--prometheus-port", str(metrics_port)]
+def router_argv(*, port: int, metrics_port: int, policy: str | None, key_file: Path | None) -> list[str]:
+    """vllm-router on loopback, no worker yet, its metrics on loopback, launched by :func:`main`
+    so that its key (for its own calls to the replicas, e.g. the tokenizing its cache-aware
+    policy needs) is read from the key file and never shows on a command line."""
+    argv = [sys.executable, "-m", "slurm_vllm.node.router"]
+    if key_file is not None:
+        argv += ["--key-file", str(key_file)]
+    argv += ["--", "--host", LOOPBACK, "--port", str(port),
+             "--prometheus-host", LOOPBACK, "--prometheus-port", str(metrics_port)]
     if policy:
         argv += ["--policy", policy]
     return argv
@@ -166,9 +166,10 @@ class RouterSupervisor:
         key = ctx.jobdir.read_secret(ctx.jobdir.api_key) if key_file else None
         log = ctx.jobdir.router_log(ctx.run.restart or 0)
         start = self.start
-        router: OwnedProcess = start("vllm-router", router_argv(router_executable(ctx.env), port=ports.router,
-                                                              metrics_port=ports.router_metrics,
-                                                              policy=spec.serve.router_policy), ctx.env, log)
+        require_router()
+        router: OwnedProcess = start("vllm-router", router_argv(port=ports.router, metrics_port=ports.router_metrics,
+                                                              policy=spec.serve.router_policy, key_file=key_file),
+                                     ctx.env, log)
         front: OwnedProcess = start("front", front_argv(host=ctx.ip, port=ports.front, router_port=ports.router,
                                                       metrics_port=ports.router_metrics, key_file=key_file),
                                     ctx.env, log)
@@ -246,3 +247,26 @@ class RouterSupervisor:
             if all(r is None or r.phase in ("ended", "failed") for r in records):
                 return
             time.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m slurm_vllm.node.router [--key-file F] -- ROUTER_ARGS``: vllm-router with the
+    job's key read from its file (vllm-router itself only takes ``--api-key KEY``)."""
+    import argparse  # noqa: PLC0415
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    ours, theirs = (args[: args.index("--")], args[args.index("--") + 1:]) if "--" in args else (args, [])
+    p = argparse.ArgumentParser(prog="python -m slurm_vllm.node.router")
+    p.add_argument("--key-file", type=Path)
+    opts = p.parse_args(ours)
+    from vllm_router.launch_router import launch_router, parse_router_args  # noqa: PLC0415 - node side only
+
+    router_args = parse_router_args(theirs)
+    if opts.key_file is not None:
+        router_args.api_key = opts.key_file.read_text(encoding="utf-8").strip()
+    launch_router(router_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

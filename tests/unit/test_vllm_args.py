@@ -95,3 +95,14 @@ def test_vllm_drain_support_is_read_from_the_vllm_the_command_runs(tmp_path):
     vllm.write_text("\x7fELF not a script")
     assert vllm_args.vllm_drains_on_sigterm([str(vllm)]) is False
     assert vllm_args.vllm_drains_on_sigterm([str(tmp_path / "missing")]) is False
+
+
+def test_a_switch_the_node_adds_yields_to_the_users_own() -> None:
+    from slurm_vllm.vllm_args import SCALE_OUT_FLAG
+
+    spec = ServeSpec("org/m", nodes=2, replicas=2, gpus_per_node=1)
+    argv = build_serve_argv(spec, host="h", port=1, backend="local", extra_flags=[SCALE_OUT_FLAG])
+    assert argv.count(SCALE_OUT_FLAG) == 1 and "--distributed-executor-backend" not in argv
+    mine = ServeSpec("org/m", nodes=2, replicas=2, gpus_per_node=1, extra_args=["--enable-scale"])
+    assert SCALE_OUT_FLAG not in build_serve_argv(mine, host="h", port=1, backend="local",
+                                                  extra_flags=[SCALE_OUT_FLAG])

@@ -18,13 +18,28 @@ def rec(index: int, phase: str = "ready", reason: str = "", restarts: int = 0) -
                          reason=reason, restarts=restarts, nodes=[f"n{index + 1}"])
 
 
-def test_router_listens_on_loopback_only_and_gets_no_key() -> None:
-    argv = router.router_argv(["vllm-router"], port=21211, metrics_port=21212, policy="round_robin")
+def test_router_listens_on_loopback_only_and_its_key_stays_in_a_file(tmp_path: Path) -> None:
+    argv = router.router_argv(port=21211, metrics_port=21212, policy="round_robin", key_file=tmp_path / "k")
+    assert argv[1:4] == ["-m", "slurm_vllm.node.router", "--key-file"]
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("--prometheus-host") + 1] == "127.0.0.1"
     assert argv[argv.index("--policy") + 1] == "round_robin"
     assert "--api-key" not in argv and "--worker-urls" not in argv  # workers are added once they answer
-    assert "--policy" not in router.router_argv(["vllm-router"], port=1, metrics_port=2, policy=None)
+    assert "--policy" not in router.router_argv(port=1, metrics_port=2, policy=None, key_file=None)
+
+
+def test_the_launcher_hands_the_key_from_its_file_to_vllm_router(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import vllm_router.launch_router as launcher
+
+    seen = []
+    monkeypatch.setattr(launcher, "launch_router", seen.append)
+    (tmp_path / "k").write_text("the-key\n")
+    argv = router.router_argv(port=21211, metrics_port=21212, policy="round_robin", key_file=tmp_path / "k")
+    assert router.main(argv[3:]) == 0
+    args = seen[0]
+    assert (args.api_key, args.host, args.port, args.policy) == ("the-key", "127.0.0.1", 21211, "round_robin")
+    assert args.worker_urls == []
 
 
 def test_the_front_reads_the_key_from_its_file(tmp_path: Path) -> None:
@@ -116,7 +131,9 @@ def test_state_is_written_only_when_a_reader_would_see_a_change(tmp_path: Path) 
     assert st.router_address == f"127.0.0.1:{ctx.ports.router}"
 
 
-def test_a_missing_router_is_named_with_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(router.sys, "executable", str(tmp_path / "python"))
+def test_a_missing_router_is_named_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(router.NodeError, match=r"pip install 'slurm-vllm\[node\]'"):
-        router.router_executable({"PATH": str(tmp_path)})
+        router.require_router()
