@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from slurm_vllm.errors import SpecError, SpecErrors
 from slurm_vllm.spec import FLAT_NAMES, SECTIONS, TOP_FIELDS, Explained, ServeSpec, build_spec
@@ -54,6 +54,16 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 NO_FLAG = frozenset({"extra_args"})
 
 
+def _literal_choices(annotation: Any) -> list[Any]:
+    """The values of a ``Literal[...]`` field, also when it is optional (``Literal[...] | None``)."""
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    for arg in get_args(annotation):
+        if get_origin(arg) is Literal:
+            return list(get_args(arg))
+    return []
+
+
 def _default_text(default: Any) -> str:
     if default is None or default == [] or default == {}:
         return ""
@@ -73,7 +83,7 @@ def _flag_for(field: str, info: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
     elif "list" in text or "dict" in text:
         kwargs["action"] = "append"
     elif "Literal" in text:
-        kwargs["choices"] = list(getattr(info.annotation, "__args__", ()))
+        kwargs["choices"] = _literal_choices(info.annotation)
     elif "float" in text:
         kwargs["type"] = float
     elif "int" in text:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from slurm_vllm import options
 from slurm_vllm.spec import FLAT_NAMES, SECTIONS, TOP_FIELDS, ServeSpec
 
@@ -47,3 +49,13 @@ def test_no_description_restates_a_default_by_hand():
 
 def test_overrides_name_only_real_fields():
     assert set(options.OVERRIDES) <= set(all_fields())
+
+
+def test_an_optional_choice_field_offers_its_choices() -> None:
+    from slurm_vllm.cli import build_parser
+
+    p = build_parser("submit")
+    args = p.parse_args(["submit", "org/m", "--router-policy", "round_robin"])
+    assert args.router_policy == "round_robin"
+    with pytest.raises(SystemExit):
+        p.parse_args(["submit", "org/m", "--router-policy", "fastest"])

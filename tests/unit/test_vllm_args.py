@@ -98,7 +98,7 @@ def test_vllm_drain_support_is_read_from_the_vllm_the_command_runs(tmp_path):
 
 
 def test_a_switch_the_node_adds_yields_to_the_users_own() -> None:
-    from slurm_vllm.vllm_args import SCALE_OUT_FLAG
+    from slurm_vllm.vllm_args import SCALE_OUT_FLAG, build_serve_argv
 
     spec = ServeSpec("org/m", nodes=2, replicas=2, gpus_per_node=1)
     argv = build_serve_argv(spec, host="h", port=1, backend="local", extra_flags=[SCALE_OUT_FLAG])
