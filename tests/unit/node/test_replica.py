@@ -112,3 +112,23 @@ def test_an_error_before_vllm_starts_is_the_replicas_failure_not_the_nodes(tmp_p
     replica.serve_logged(ctx)
     rec = ctx.jobdir.read_replica(1, ctx.run)
     assert rec is not None and rec.phase == "failed" and "FileNotFoundError" in rec.reason
+
+
+def test_the_time_limit_warning_drains_the_replica_then_ends_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = make_ctx(tmp_path)
+    drained: list[float] = []
+    monkeypatch.setattr(serve, "drain_then_stop", lambda proc, base, key, budget: drained.append(budget) or
+                        lifecycle.stop(proc, 1.0) is None)
+    t = threading.Thread(target=replica.serve_replica, args=(ctx,))
+    t.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        rec = ctx.jobdir.read_replica(1, ctx.run)
+        if rec is not None and rec.phase == "ready":
+            break
+        time.sleep(0.1)
+    ctx.stopper.stop(lifecycle.TIME_LIMIT)
+    t.join(30)
+    rec = ctx.jobdir.read_replica(1, ctx.run)
+    assert rec is not None and (rec.phase, rec.reason) == ("ended", lifecycle.TIME_LIMIT)
+    assert drained == [serve.drain_budget(ctx.spec.resources.signal_grace)]
