@@ -55,7 +55,7 @@ NO_FLAG = frozenset({"extra_args"})
 
 
 def _default_text(default: Any) -> str:
-    if default is None or default == [] or default == {}:
+    if default is None or default in ([], {}, ""):
         return ""
     if isinstance(default, bool):
         return ""  # a switch: its help says what it turns on
