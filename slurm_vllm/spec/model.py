@@ -154,11 +154,11 @@ class ServeSpec(_Section):
         if name.startswith("_") or name in type(self).model_fields:
             return _base_getattr(self, name)
         flat = ALIASES.get(name, name)
+        if flat != name and hasattr(type(self), flat):  # tp, pp: the sizes vLLM gets, as the properties
+            return getattr(self, flat)
         if flat in FLAT_NAMES:
             section, field = FLAT_NAMES[flat]
             return getattr(getattr(self, section), field)
-        if flat != name and hasattr(type(self), flat):  # an alias of a derived value (tp, pp)
-            return getattr(self, flat)
         if name == "no_api_key":
             return not self.serve.api_key
         raise AttributeError(f"ServeSpec has no field {name!r}: {_suggest(name, _all_names())}")

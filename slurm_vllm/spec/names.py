@@ -198,7 +198,7 @@ def job_name_for(model: str) -> str:
     ``org/Llama-3.1-8B-Instruct`` -> ``Llama-3.1-8B-Instruct``; nothing usable -> ``vllm``.
     """
     last = str(model).rstrip("/").rsplit("/", maxsplit=1)[-1]
-    name = _UNSAFE_IN_JOB_NAME.sub("-", last).strip("-._")[:MAX_DERIVED_JOB_NAME].rstrip("-._")
+    name = re.sub(r"-{2,}", "-", _UNSAFE_IN_JOB_NAME.sub("-", last)).strip("-._")[:MAX_DERIVED_JOB_NAME].rstrip("-._")
     if not name or any(word in name.lower() for word in ("hetjob", "packjob")):  # sbatch scans for those
         return FALLBACK_JOB_NAME
     return name
