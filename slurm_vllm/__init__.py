@@ -28,7 +28,7 @@ if TYPE_CHECKING:
         WaitTimeoutError,
     )
     from slurm_vllm.job import Endpoint, Job, JobStatus
-    from slurm_vllm.spec import ServeSpec
+    from slurm_vllm.spec import ServeSpec, load_spec
 
 __version__ = "0.1.0"
 
@@ -50,6 +50,7 @@ __all__ = [
     "WaitTimeoutError",
     "__version__",
     "attach",
+    "load_spec",
     "render",
     "submit",
 ]
@@ -62,7 +63,7 @@ _EXPORTS = {
                      "SlurmCommandError", "SlurmVllmError", "SpecError", "SpecErrors", "WaitTimeoutError"),
                     "slurm_vllm.errors"),
     **dict.fromkeys(("Endpoint", "Job", "JobStatus"), "slurm_vllm.job"),
-    "ServeSpec": "slurm_vllm.spec",
+    **dict.fromkeys(("ServeSpec", "load_spec"), "slurm_vllm.spec"),
 }
 
 

@@ -1,5 +1,8 @@
 """The Python API for notebooks and scripts: ``submit``, ``render``, ``attach``.
 
+A model name given instead of a :class:`ServeSpec` is built as the CLI builds it
+(:func:`~slurm_vllm.spec.load_spec`: site profile and presets, spec file, environment, keywords).
+
 ``submit`` prepares the job directory and submits, returning a :class:`~slurm_vllm.job.Job` at
 once (or after the server is ready with ``wait=True``). ``render`` has no side effects: it returns
 the script a submission *would* use, for reading. To get a script you can edit and ``sbatch`` by
@@ -10,23 +13,44 @@ the script refers to (its spec, secrets and log folder).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from slurm_vllm import slurm
 from slurm_vllm.errors import SpecError
 from slurm_vllm.job import Job, ProgressFn
 from slurm_vllm.jobdir import JobDir, atomic_write
-from slurm_vllm.spec import ServeSpec
+from slurm_vllm.spec import ServeSpec, load_spec
 
-BACKENDS = ("sbatch", "submitit")
+#: How a job can be submitted (``via=``); ``backend`` is the spec's executor (ray or mp).
+VIAS = ("sbatch", "submitit")
 
 
 def _as_spec(spec: ServeSpec | str, options: dict[str, Any]) -> ServeSpec:
+    """A ServeSpec as given, or one built from a model (or preset) name as the CLI builds it."""
     if isinstance(spec, ServeSpec):
         if options:
             raise TypeError("give options either in the ServeSpec or as keywords, not both")
         return spec
-    return ServeSpec(spec, **options)  # flat names, mapped by the spec
+    return load_spec(spec, **options)  # flat names; profile, preset, config, environment as on the CLI
+
+
+def _submission_path(via: str | None, options: dict[str, Any]) -> str:
+    """``via``, or the old ``backend="sbatch"|"submitit"`` spelling (deprecated: ``backend`` is
+    the spec's executor, ray or mp, everywhere)."""
+    old = options.get("backend")
+    if old in VIAS:
+        options.pop("backend")
+        warnings.warn(f"submit(..., backend={old!r}) is deprecated: write via={old!r} (backend= is the "
+                      "executor, 'ray' or 'mp')", DeprecationWarning, stacklevel=3)
+        if via is not None and via != old:
+            raise SpecError("via", via, f"give the submission path once (backend={old!r} says otherwise)",
+                            problem="contradicts backend")
+        via = old
+    via = "sbatch" if via is None else via
+    if via not in VIAS:
+        raise SpecError("via", via, f"choose one of {', '.join(VIAS)}", problem="is not a submission path")
+    return via
 
 
 def render(spec: ServeSpec | str, template: str | os.PathLike[str] | None = None, **options: Any) -> str:
@@ -47,7 +71,7 @@ def prepare(spec: ServeSpec | str, template: str | os.PathLike[str] | None = Non
 
 def submit(
     spec: ServeSpec | str,
-    backend: str = "sbatch",
+    via: str | None = None,
     wait: bool = False,
     timeout: float | None = None,
     template: str | os.PathLike[str] | None = None,
@@ -56,21 +80,22 @@ def submit(
 ) -> Job:
     """Submit ``spec`` and return its job handle.
 
-    ``backend="sbatch"`` (default) submits the rendered script; ``"submitit"`` submits the same
-    node program through submitit. Both use the same job directory and return the same handle.
-    With ``wait=True`` this returns once the server answers (see :meth:`Job.wait_ready`).
-    ``spec`` may also be a model name with the options as keywords:
+    ``via="sbatch"`` (default) submits the rendered script; ``"submitit"`` submits the same node
+    program through submitit. Both use the same job directory and return the same handle.
+    (``backend=`` is the spec's executor, ``"ray"`` or ``"mp"``, as on the CLI; the old
+    ``backend="submitit"`` still works, with a DeprecationWarning.) With ``wait=True`` this
+    returns once the server answers (see :meth:`Job.wait_ready`). ``spec`` may also be a model
+    or preset name with options as keywords, built as :func:`load_spec` (and the CLI) builds it:
     ``submit("org/model", nodes=2, gpus_per_node=8, partition="gpu")``.
     """
-    if backend not in BACKENDS:
-        raise SpecError("backend", backend, f"choose one of {', '.join(BACKENDS)}", "is not a submission backend")
+    via = _submission_path(via, options)
     from slurm_vllm.render import prepare_submission  # noqa: PLC0415
 
     spec = _as_spec(spec, options)
     created = prepare_submission(spec, template=template)
     jobdir = created.jobdir
     try:
-        if backend == "submitit":
+        if via == "submitit":
             from slurm_vllm import submitit_backend  # noqa: PLC0415 - imports submitit
 
             job_id = submitit_backend.submit(spec, jobdir)

@@ -124,7 +124,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         sys.stdout.write(api.render(spec, template=getattr(args, "template", None)))
         return ExitCode.OK
-    job = api.submit(spec, backend=args.via, template=getattr(args, "template", None))
+    job = api.submit(spec, via=args.via, template=getattr(args, "template", None))
     if args.json and not args.wait:
         _print_json({"job_id": job.job_id, "job_dir": str(job.job_dir)})
         return ExitCode.OK
@@ -175,6 +175,36 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         counts = {s: sum(c.status == s for c in checks) for s in ("fail", "warn")}
         _err(f"{counts['fail']} failed, {counts['warn']} warning(s)" if any(counts.values()) else "all checks passed")
     return ExitCode.USAGE if doctor.failed(checks) else ExitCode.OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """The site profile's presets: what ``submit NAME`` would serve, and how."""
+    import os  # noqa: PLC0415
+
+    from slurm_vllm.spec.layers import profile_path  # noqa: PLC0415
+    from slurm_vllm.spec.presets import PRESETS_KEY, list_presets  # noqa: PLC0415
+
+    profile = profile_path(args.profile)
+    if profile is None:
+        raise SpecError("profile", None, "give --profile FILE, or set $SLURM_VLLM_PROFILE to your site profile",
+                        problem="is not given")
+    rows = list_presets(profile, os.environ)
+    if args.json:
+        _print_json([r.to_dict() for r in rows])
+        return ExitCode.OK
+    if not rows:
+        _err(f"{profile}: no presets (add a {PRESETS_KEY}: table, see docs/spec.md)")
+        return ExitCode.OK
+    print("NAME\tMODEL\tNODES\tGPUS/NODE\tTPxPP\tJOB NAME\tEXTRA ARGS")
+    for r in rows:
+        if r.spec is None:
+            print(f"{r.name}\t{r.model}\tinvalid: {r.error}")
+            continue
+        s = r.spec
+        print("\t".join(str(x) for x in (
+            r.name, r.model, s["nodes"], s["gpus_per_node"],
+            f"{s['tensor_parallel_size']}x{s['pipeline_parallel_size']}", s["job_name"], " ".join(s["extra_args"]))))
+    return ExitCode.OK
 
 
 #: Options whose value is a file or a directory, for the completion script.
@@ -487,6 +517,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     if command in (None, "doctor"):
         _add_spec_flags(p)
     p.add_argument("--json", action="store_true", help="a list of {check, status, detail, fix}")
+
+    p = add("models", cmd_models, "list the presets of the site profile (its models: table): submit NAME uses them")
+    p.add_argument("--profile", default=None, metavar="FILE", help="site profile (default: $SLURM_VLLM_PROFILE)")
+    p.add_argument("--json", action="store_true", help="a list of {name, model, fields, spec, error}")
 
     p = add("status", cmd_status, "show the phase of one or more jobs (one Slurm call for all)")
     p.add_argument("job", nargs="+", metavar="JOB")

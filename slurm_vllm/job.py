@@ -23,6 +23,7 @@ from slurm_vllm.errors import (
     JobEndedError,
     JobFailedError,
     JobNotFoundError,
+    SlurmCommandError,
     SlurmVllmError,
     WaitTimeoutError,
 )
@@ -40,6 +41,9 @@ from slurm_vllm.jobdir import (
 
 #: How many lines of a failing node's log a FAILED status carries.
 LOG_TAIL_LINES = 20
+
+#: A status younger than this is shown again rather than asked for again (one display, one call).
+DISPLAY_REUSE_S = 1.0
 
 #: How long ``wait`` keeps asking about a job Slurm has no record of before it gives up: long
 #: enough for accounting to catch up with a job that just ended, short enough not to hang.
@@ -534,28 +538,56 @@ class Job:
 
     # ----- display
     def __repr__(self) -> str:
-        last = f", {self._last.summary()}" if self._last else ""
-        return f"<Job {self.job_id} {self.jobdir.path}{last}>"
+        """No Slurm call (a repr must be cheap): the id, the directory and the last status seen."""
+        if self._last is None:
+            return f"<Job {self.job_id} {self.jobdir.path}>"
+        age = max(0.0, time.time() - self._last.checked_at)
+        return f"<Job {self.job_id} {self.jobdir.path}, {self._last.summary()} ({age:.0f} s ago)>"
+
+    def _fresh_status(self) -> tuple[JobStatus | None, str]:
+        """The status now for a display, and why it is missing; never raises. A status from the
+        last second is reused, so the text and HTML forms of one display ask Slurm once."""
+        if self._last is not None and time.time() - self._last.checked_at < DISPLAY_REUSE_S:
+            return self._last, ""
+        try:
+            return self.status(), ""
+        except SlurmVllmError as exc:
+            what = "Slurm unreachable" if isinstance(exc, SlurmCommandError) else "status unavailable"
+            return None, f"{what}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a notebook's display must never raise
+            return None, f"status unavailable: {type(exc).__name__}: {exc}"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        """IPython's text display: fresh on every display, one line."""
+        st, why = self._fresh_status()
+        if st is None:
+            p.text(f"<Job {self.job_id} {self.jobdir.path}: {why}>")
+        else:
+            p.text(f"<Job {self.job_id} {self.jobdir.path}: {st.summary()}>")
 
     def _repr_html_(self) -> str:
-        try:
-            st = self._last or self.status()
-        except Exception as exc:  # noqa: BLE001 - a notebook's display must never raise
-            return f"<pre>{html.escape(repr(self))}: status unavailable ({html.escape(str(exc))})</pre>"
+        """A notebook's display: asks for the status each time it is shown; never raises."""
+        st, why = self._fresh_status()
+        esc = html.escape
+        if st is None:
+            last = f"<br>last seen: {esc(self._last.summary())}" if self._last is not None else ""
+            return (f"<table><caption>slurm_vllm job {esc(str(self.job_id))}</caption><tr><td>"
+                    f"{esc(why)}{last}<br>job dir: {esc(str(self.jobdir.path))}</td></tr></table>")
         rows = [
             ("job id", st.job_id or "?"),
-            ("phase", st.phase.value),
-            ("reason", st.reason),
-            ("nodes", f"{st.nodes_joined}/{st.nodes_expected}" if st.nodes_expected else ""),
-            ("url", st.url or ""),
+            ("phase", st.summary()),
+            ("nodes", f"{st.nodes_joined or 0}/{st.nodes_expected}" if st.nodes_expected else ""),
             ("model", st.model or ""),
             ("Slurm state", st.slurm_state),
+            ("elapsed", st.elapsed),
             ("job dir", st.job_dir),
+            ("checked", time.strftime("%H:%M:%S", time.localtime(st.checked_at))),
         ]
         body = "".join(
-            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
-            for k, v in rows if v
+            f"<tr><th style='text-align:left'>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in rows if v
         )
+        if st.log_tail:
+            body += f"<tr><th style='text-align:left'>log</th><td><pre>{esc(st.log_tail)}</pre></td></tr>"
         return f"<table><caption>slurm_vllm job</caption>{body}</table>"
 
 

@@ -65,7 +65,7 @@ def _literal_choices(annotation: Any) -> list[Any]:
 
 
 def _default_text(default: Any) -> str:
-    if default is None or default == [] or default == {}:
+    if default is None or default in ([], {}, ""):
         return ""
     if isinstance(default, bool):
         return ""  # a switch: its help says what it turns on

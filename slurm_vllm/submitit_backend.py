@@ -62,7 +62,7 @@ def executor_parameters(spec: Any, jobdir: JobDir) -> dict[str, Any]:
     if env.container:
         raise SpecError(
             "container", env.container,
-            "the submitit backend runs Python directly; use the default sbatch backend for containers",
+            "submitting via submitit runs Python directly; submit via='sbatch' (the default) for containers",
         )
     setup: list[str] = [f"export {shell.quote(k + '=' + v, 'env')}" for k, v in sorted(env.env.items())]
     if env.venv:
@@ -130,8 +130,8 @@ def submit(spec: Any, jobdir: JobDir) -> str:
     try:
         import submitit  # noqa: PLC0415 - optional path; heavy-ish import
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise SpecError("backend", "submitit",
-                        "install submitit (pip install submitit) or use backend='sbatch'") from exc
+        raise SpecError("via", "submitit", "install submitit (pip install submitit) or submit via='sbatch' "
+                        "(--via sbatch)", problem="needs the submitit package") from exc
 
     folder = jobdir.path / "submitit"
     folder.mkdir(mode=0o700, exist_ok=True)

@@ -32,12 +32,15 @@ from slurm_vllm.spec.layers import (
     build_spec,
     env_layer,
     explain,
+    load_spec,
     load_spec_file,
     load_spec_json,
+    profile_path,
     read_spec_file,
 )
 from slurm_vllm.spec.model import ServeSpec
-from slurm_vllm.spec.names import ALIASES, ENV_VARS, FLAT_NAMES, PROFILE_ENV_VAR, field_names, normalize
+from slurm_vllm.spec.names import ALIASES, ENV_VARS, FLAT_NAMES, PROFILE_ENV_VAR, field_names, job_name_for, normalize
+from slurm_vllm.spec.presets import PRESETS_KEY, Preset, split_profile
 from slurm_vllm.spec.rules import (
     MAX_TIMEOUT,
     MIN_RUN_AFTER_WARNING,
@@ -54,6 +57,7 @@ __all__ = [
     "MAX_FILE_VALUES",
     "MAX_TIMEOUT",
     "MIN_RUN_AFTER_WARNING",
+    "PRESETS_KEY",
     "PROFILE_ENV_VAR",
     "SECTIONS",
     "TOP_FIELDS",
@@ -62,6 +66,7 @@ __all__ = [
     "ModelSection",
     "NetworkSection",
     "ParallelSection",
+    "Preset",
     "RaySection",
     "ResourcesSection",
     "ServeSection",
@@ -73,11 +78,15 @@ __all__ = [
     "env_layer",
     "explain",
     "field_names",
+    "job_name_for",
+    "load_spec",
     "load_spec_file",
     "load_spec_json",
     "normalize",
     "parse_bool",
+    "profile_path",
     "read_spec_file",
+    "split_profile",
     "time_limit_seconds",
     "validate_spec",
 ]

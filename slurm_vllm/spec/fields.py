@@ -109,7 +109,9 @@ class ResourcesSection(_Section):
     qos: str | None = Field(default=None, description="Slurm QOS (--qos).")
     constraint: str | None = Field(default=None, description="Node features (--constraint).")
     exclusive: StrictBool = Field(default=False, description="Whole nodes only (--exclusive).")
-    job_name: str = Field(default="vllm", description="Slurm job name; also names the default job directory.")
+    job_name: str = Field(default="", description="Slurm job name; also names the default job directory. Default: "
+                                                  "from the model (a preset's name, else the model's last path "
+                                                  "component).")
     signal_grace: int = Field(
         default=120, description="Seconds before the time limit at which SIGUSR2 asks the job to shut down."
     )

@@ -14,6 +14,7 @@ from slurm_vllm.errors import SpecError, cut
 from slurm_vllm.spec.fields import SECTIONS, _env_mapping
 from slurm_vllm.spec.model import ServeSpec
 from slurm_vllm.spec.names import ENV_VARS, PROFILE_ENV_VAR, normalize
+from slurm_vllm.spec.presets import Preset, split_profile
 
 #: Most values a spec file may expand to: a spec has a few dozen; nested YAML aliases can make
 #: a few hundred bytes expand to billions.
@@ -195,8 +196,9 @@ def build_spec(
 ) -> tuple[ServeSpec, list[Explained]]:
     """Build the spec from its layers and say where each value came from.
 
-    Precedence, lowest first: defaults < site profile < spec file (``--config``) < environment
-    variables (``SLURM_VLLM_*``) < flags. ``profile`` defaults to ``$SLURM_VLLM_PROFILE``.
+    Precedence, lowest first: defaults < site profile < the profile's preset for the model named
+    (its ``models:`` table) < spec file (``--config``) < environment variables (``SLURM_VLLM_*``)
+    < flags. ``profile`` defaults to ``$SLURM_VLLM_PROFILE``.
     ``flags`` uses flat names; ``flag_sources`` names the flag each came from (for the
     explanation). Returns the validated spec and ``[(field, value, source), ...]`` for every
     field, defaults included.
@@ -205,18 +207,62 @@ def build_spec(
     flags = dict(flags or {})
     flag_sources = dict(flag_sources or {})
     layers: list[tuple[str, Mapping[str, Any]]] = []
-    if profile is None and environ.get(PROFILE_ENV_VAR):
-        profile = environ[PROFILE_ENV_VAR]
+    profile = profile_path(profile, environ)
+    presets: dict[str, Preset] = {}
     if profile is not None:
-        layers.append((f"profile {profile}", read_spec_file(profile)))
+        own, presets = split_profile(read_spec_file(profile), f"profile {profile}")
+        layers.append((f"profile {profile}", own))
     if config is not None:
         layers.append((f"config {config}", read_spec_file(config)))
     layers.extend(env_layer(environ))
     for name, value in flags.items():
         layers.append((flag_sources.get(name, f"flag --{name.replace('_', '-')}"), {name: value}))
     merged = _merge_layers(layers)
+    chosen = merged.get("model.name", (None, ""))[0]
+    if isinstance(chosen, str) and chosen in presets:
+        # The model named is a preset: its fields go in just above the profile's own, and the
+        # name the user gave is replaced by the preset's model.
+        preset = presets[chosen]
+        source = f"preset {preset.name} (profile {profile})"
+        layers.insert(1 if profile is not None else 0, (source, preset.layer()))
+        merged = _merge_layers(layers)
+        merged["model.name"] = (normalize({"model": preset.model})["model"]["name"], source)
     spec = ServeSpec.model_validate(_unflatten(merged), context={"check_paths": check_paths})
     return spec, explain(spec, merged)
+
+
+def profile_path(profile: str | os.PathLike[str] | None,
+                 environ: Mapping[str, str] | None = None) -> str | os.PathLike[str] | None:
+    """The site profile in use: the one given, else ``$SLURM_VLLM_PROFILE``, else none."""
+    environ = os.environ if environ is None else environ
+    if profile is None and environ.get(PROFILE_ENV_VAR):
+        return environ[PROFILE_ENV_VAR]
+    return profile
+
+
+def load_spec(
+    model: str | None = None,
+    *,
+    profile: str | os.PathLike[str] | None = None,
+    config: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> ServeSpec:
+    """The spec exactly as ``slurm-vllm submit`` builds it, for notebooks and scripts.
+
+    Same layers, same order: defaults < site profile (``profile``, else ``$SLURM_VLLM_PROFILE``)
+    < the profile's preset when ``model`` names one < spec file (``config``) < ``SLURM_VLLM_*``
+    environment variables < ``options`` (flat names, as the CLI's flags with underscores)::
+
+        spec = load_spec("llama-70b", profile="~/cluster.yaml", time="02:00:00")
+
+    :class:`ServeSpec` itself takes only what it is given (no files, no environment) unless it
+    gets ``profile=`` or ``config=``, when it is built by this function.
+    """
+    flags = dict(options)
+    sources = {name: f"keyword {name}=" for name in flags}
+    if model is not None:
+        flags["model"], sources["model"] = model, "argument model"
+    return build_spec(flags, config=config, profile=profile, flag_sources=sources)[0]
 
 
 def explain(spec: ServeSpec, merged: Mapping[str, tuple[Any, str]] | None = None) -> list[Explained]:
@@ -232,7 +278,8 @@ def explain(spec: ServeSpec, merged: Mapping[str, tuple[Any, str]] | None = None
                     for k, vv in v.items():
                         rows.append((f"env.{k}", vv, merged.get(f"{key}.env.{k}", (None, "default"))[1]))
                     continue
-                rows.append((name, v, merged.get(f"{key}.{field}", (None, "default"))[1]))
+                fallback = "default (from the model)" if field == "job_name" else "default"
+                rows.append((name, v, merged.get(f"{key}.{field}", (None, fallback))[1]))
         else:
             rows.append((key, value, merged.get(key, (None, "default"))[1]))
     return rows

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import re
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from typing import Any, Literal
 
@@ -11,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from slurm_vllm.errors import SpecError, SpecErrors
 from slurm_vllm.spec.bridge import _convert
 from slurm_vllm.spec.fields import (
+    SECTIONS,
+    TOP_FIELDS,
     EnvironmentSection,
     ModelSection,
     NetworkSection,
@@ -21,12 +25,29 @@ from slurm_vllm.spec.fields import (
     _Section,
     parse_bool,
 )
-from slurm_vllm.spec.names import ALIASES, FLAT_NAMES, normalize
+from slurm_vllm.spec.names import ALIASES, FLAT_NAMES, _all_names, _suggest, job_name_for, normalize
 from slurm_vllm.spec.rules import check_spec
 
 #: Whether validation also checks files on this machine. pydantic routes ``model_validate``
 #: through our ``__init__`` (which drops the validation context), so the flag travels here.
 _CHECK_PATHS: ContextVar[bool] = ContextVar("slurm_vllm_check_paths", default=True)
+
+
+#: Environment variables whose values a repr hides (``HF_TOKEN``, ``WANDB_API_KEY``, ...).
+_SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSW", re.IGNORECASE)
+
+
+def _masked(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for showing: values of secret-looking names replaced by ``***``."""
+    return {k: "***" if _SECRET_NAME.search(k) else v for k, v in env.items()}
+
+
+def _base_getattr(obj: BaseModel, name: str) -> Any:
+    """pydantic's own attribute fallback (private attributes), which mypy's stubs do not show."""
+    fallback = getattr(BaseModel, "__getattr__", None)
+    if fallback is None:
+        raise AttributeError(name)
+    return fallback(obj, name)
 
 
 class ServeSpec(_Section):
@@ -36,9 +57,15 @@ class ServeSpec(_Section):
 
         ServeSpec("org/M", nodes=2, gpus_per_node=8, partition="gpu", backend="ray")
 
-    or with the sections (``resources={"nodes": 2}``), or from a file with
-    :func:`load_spec_file` / :func:`build_spec`. Invalid input raises :class:`SpecErrors` (a
-    ``ValueError``) listing every problem, each naming the field, the value and the fix.
+    or with the sections (``resources={"nodes": 2}``). That takes exactly what it is given. With
+    ``profile=`` or ``config=`` it is built as the CLI builds it (:func:`load_spec`: site profile
+    and its presets, spec file, ``SLURM_VLLM_*`` variables, then the keywords)::
+
+        ServeSpec("llama-70b", profile="~/cluster.yaml", time="02:00:00")
+
+    Flat names read as they write (``spec.nodes``, ``spec.partition``); the repr shows only what
+    differs from the defaults. Invalid input raises :class:`SpecErrors` (a ``ValueError``)
+    listing every problem, each naming the field, the value and the fix.
     """
 
     model: ModelSection
@@ -54,11 +81,17 @@ class ServeSpec(_Section):
     job_dir: str | None = Field(default=None, description="Job directory; unset: a new one under "
                                                           "~/.slurm_vllm/jobs, named after the job and the time.")
 
-    def __init__(self, model: Any = None, /, **data: Any) -> None:
+    def __init__(self, model: Any = None, /, *, profile: str | os.PathLike[str] | None = None,
+                 config: str | os.PathLike[str] | None = None, **data: Any) -> None:
         if model is not None:
             if "model" in data:
                 raise SpecErrors([SpecError("model", model, "give the model once", problem="is given twice")])
             data["model"] = model
+        if profile is not None or config is not None:
+            # A file named: build as the CLI does (profile, preset, config, environment, keywords).
+            from slurm_vllm.spec.layers import load_spec  # noqa: PLC0415 - layers imports this module
+
+            data = load_spec(data.pop("model", None), profile=profile, config=config, **data).model_dump()
         try:
             super().__init__(**data)
         except ValidationError as exc:
@@ -81,6 +114,8 @@ class ServeSpec(_Section):
         data = self.model_dump()
         if isinstance(value, BaseModel):
             value = value.model_dump()
+        if name == "model" and self.resources.job_name == job_name_for(self.model.name):
+            del data["resources"]["job_name"]  # derived from the old model: derive it again
         if name in type(self).model_fields:
             data[name] = value
         elif name == "no_api_key":
@@ -114,11 +149,55 @@ class ServeSpec(_Section):
         finally:
             _CHECK_PATHS.reset(token)
 
+    def __getattr__(self, name: str) -> Any:
+        """Flat names read as they write: ``spec.nodes`` is ``spec.resources.nodes``."""
+        if name.startswith("_") or name in type(self).model_fields:
+            return _base_getattr(self, name)
+        flat = ALIASES.get(name, name)
+        if flat != name and hasattr(type(self), flat):  # tp, pp: the sizes vLLM gets, as the properties
+            return getattr(self, flat)
+        if flat in FLAT_NAMES:
+            section, field = FLAT_NAMES[flat]
+            return getattr(getattr(self, section), field)
+        if name == "no_api_key":
+            return not self.serve.api_key
+        raise AttributeError(f"ServeSpec has no field {name!r}: {_suggest(name, _all_names())}")
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """What the repr shows: the model, then only the flat fields that differ from their
+        defaults, in the order of the sections, e.g. ``ServeSpec('org/M', nodes=2)``."""
+        yield None, self.model.name
+        derived_name = job_name_for(self.model.name)
+        for flat, (section, field) in FLAT_NAMES.items():
+            value = getattr(getattr(self, section), field)
+            info = SECTIONS[section].model_fields[field]
+            if field == "job_name":
+                default: Any = derived_name
+            else:
+                default = info.get_default(call_default_factory=True)
+            if field == "api_key":
+                if not value:
+                    yield "no_api_key", True
+                continue
+            if value != default:
+                yield flat, _masked(value) if field == "env" else value
+        for top in TOP_FIELDS:
+            value = getattr(self, top)
+            if value != type(self).model_fields[top].get_default(call_default_factory=True):
+                yield top, value
+
+    def __str__(self) -> str:
+        return repr(self)
+
     @model_validator(mode="before")
     @classmethod
     def _normalize(cls, data: Any) -> Any:
         if isinstance(data, Mapping):
-            return normalize(data)
+            out = normalize(data)
+            name = out.get("model", {}).get("name")
+            if isinstance(name, str) and "job_name" not in out.get("resources", {}):
+                out.setdefault("resources", {})["job_name"] = job_name_for(name)
+            return out
         return data
 
     @model_validator(mode="after")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -182,6 +183,25 @@ def _absolutize(out: dict[str, Any]) -> None:
         out["job_dir"] = _absolute(job_dir)
 
 
+#: Characters a derived job name keeps; anything else becomes ``-``.
+_UNSAFE_IN_JOB_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+#: Longest derived job name: squeue shows few characters, a directory name holds it too.
+MAX_DERIVED_JOB_NAME = 40
+#: The job name when nothing usable can be derived.
+FALLBACK_JOB_NAME = "vllm"
+
+
+def job_name_for(model: str) -> str:
+    """The job name a spec gets when none is given: the model's last path component (or a
+    preset's name), made Slurm-safe and short, so ``squeue`` and the job directory say what runs.
+
+    ``org/Llama-3.1-8B-Instruct`` -> ``Llama-3.1-8B-Instruct``; nothing usable -> ``vllm``.
+    """
+    last = str(model).rstrip("/").rsplit("/", maxsplit=1)[-1]
+    name = re.sub(r"-{2,}", "-", _UNSAFE_IN_JOB_NAME.sub("-", last)).strip("-._")[:MAX_DERIVED_JOB_NAME].rstrip("-._")
+    if not name or any(word in name.lower() for word in ("hetjob", "packjob")):  # sbatch scans for those
+        return FALLBACK_JOB_NAME
+    return name
 
 
 def field_names() -> list[str]:

@@ -131,7 +131,7 @@ def test_submitit_path_uses_the_same_job_dir_and_handle(lab: Lab, home: Path, mo
     import slurm_vllm
 
     spec = slurm_vllm.ServeSpec("org/model", nodes=2, gpus_per_node=1, partition=lab.partition, time="00:05:00")
-    job = slurm_vllm.submit(spec, backend="submitit")
+    job = slurm_vllm.submit(spec, via="submitit")
     try:
         script = (job.job_dir / "job.sbatch").read_text()
         assert "submitit" in script and "--nodes=2" in script and "--comment=slurm_vllm" in script
@@ -247,7 +247,7 @@ def test_submitit_runs_the_real_node_program_to_a_formed_cluster_and_cancel(lab:
 
     kw = lab_serve_kwargs(lab)
     kw["env"] = {**dict(kw.get("env") or {}), "SLURM_VLLM_NODE_NO_SERVE": "1"}  # hold the formed cluster
-    job = slurm_vllm.submit(slurm_vllm.ServeSpec(**kw), backend="submitit")  # type: ignore[arg-type]
+    job = slurm_vllm.submit(slurm_vllm.ServeSpec(**kw), via="submitit")  # type: ignore[arg-type]
     try:
         st = _wait_status(home, job.job_id, lambda s: s["phase"] == "LOADING_MODEL" or s["phase"] in ("ENDED", "FAILED"), 300)
         assert st["phase"] == "LOADING_MODEL" and st["nodes_joined"] == st["nodes_expected"] == LAB_NODES, st

@@ -78,7 +78,7 @@ def test_submitit_refuses_containers_with_a_clear_fix(tmp_path: Path) -> None:
     spec = ServeSpec("org/m", container=str(img))
     with pytest.raises(SpecError) as ei:
         submitit_backend.executor_parameters(spec, JobDir(tmp_path / "j"))
-    assert "sbatch backend" in str(ei.value)
+    assert "via='sbatch'" in str(ei.value)
 
 
 def test_submitit_task_runs_the_node_program_and_propagates_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
