@@ -19,8 +19,6 @@ from slurm_vllm.jobdir import ReplicaPhase, ReplicaRecord
 from slurm_vllm.node import serve
 from slurm_vllm.node.context import NodeContext
 from slurm_vllm.node.lifecycle import TIME_LIMIT, slurm_kill_wait, stop
-from slurm_vllm.node.warm import load_strategy_for
-from slurm_vllm.vllm_args import build_serve_argv, vllm_executable
 
 #: Seconds before the first restart; doubled per restart, at most BACKOFF_MAX.
 BACKOFF_FIRST = 5.0
@@ -63,10 +61,7 @@ def serve_replica(ctx: NodeContext) -> None:
     base = f"http://{ctx.ip}:{port}"
     report = Reporter(ctx, index, base + "/v1")
     log_path = ctx.jobdir.vllm_log(ctx.run.restart or 0, ctx.rank)
-    argv = build_serve_argv(ctx.spec, host=ctx.ip, port=port, backend="local",
-                            executable=vllm_executable(ctx.env or None), shutdown_timeout=None,
-                            load_strategy=load_strategy_for(ctx.spec.model.name, ctx.spec.model.extra_args,
-                                                            ctx.env, ctx.log))
+    argv = serve.serve_argv(ctx, host=ctx.ip, port=port, backend="local", shutdown_timeout=None)
     env = serve.serve_env(os.environ, ctx.env, api_key=key)
     grace = serve.stop_grace(slurm_kill_wait())
     limit = ctx.spec.serve.replica_restarts

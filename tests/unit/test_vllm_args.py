@@ -95,3 +95,23 @@ def test_vllm_drain_support_is_read_from_the_vllm_the_command_runs(tmp_path):
     vllm.write_text("\x7fELF not a script")
     assert vllm_args.vllm_drains_on_sigterm([str(vllm)]) is False
     assert vllm_args.vllm_drains_on_sigterm([str(tmp_path / "missing")]) is False
+
+
+def test_a_staged_copy_is_loaded_under_the_models_own_name() -> None:
+    spec = ServeSpec.model_validate({"model": "/shared/models/llama", "stage_weights": "shm"},
+                                    context={"check_paths": False})
+    argv = vllm_args.build_serve_argv(spec, host="h", port=1, model_path="/dev/shm/svl-u1/models/llama-abc")
+    assert argv[1:3] == ["serve", "/dev/shm/svl-u1/models/llama-abc"]
+    assert argv[argv.index("--served-model-name") + 1] == "/shared/models/llama"
+    named = ServeSpec.model_validate({"model": "/shared/models/llama", "served_name": "llama"},
+                                     context={"check_paths": False})
+    argv = vllm_args.build_serve_argv(named, host="h", port=1, model_path="/dev/shm/x")
+    assert argv.count("--served-model-name") == 1 and argv[argv.index("--served-model-name") + 1] == "llama"
+    # Not staged: vLLM's default served name is the model itself; nothing is added.
+    assert "--served-model-name" not in vllm_args.build_serve_argv(spec, host="h", port=1)
+    # A headless mp rank serves no API and gets no name.
+    mp = ServeSpec.model_validate({"model": "/shared/models/llama", "nodes": 2, "backend": "mp"},
+                                  context={"check_paths": False})
+    other = vllm_args.build_serve_argv(mp, host="h", port=1, nnodes=2, node_rank=1, master_addr="h",
+                                       master_port=2, model_path="/dev/shm/x")
+    assert other[2] == "/dev/shm/x" and "--served-model-name" not in other
