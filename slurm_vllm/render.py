@@ -38,6 +38,8 @@ from slurm_vllm.spec import ServeSpec, validate_spec
 from slurm_vllm.vllm_args import LOAD_STRATEGY_FLAG, user_sets
 
 DEFAULT_TEMPLATE = "serve.sbatch.j2"
+#: Where each ``stage_weights`` choice copies the model, in the script's words (node/staged_store.py).
+STAGE_WHERE = {"local": "node-local disk ($SLURM_TMPDIR, else $TMPDIR, else /tmp)", "shm": "/dev/shm"}
 
 
 class Quoted(str):
@@ -168,7 +170,9 @@ def _context(spec: ServeSpec, jobdir: JobDir, node_env: NodeEnv | None = None) -
         "activate": os.path.join(e.venv, "bin", "activate") if e.venv else None,
         "node_env_comment": node_env.comment_lines() if node_env is not None else [],
         "cache_dir": str(cache_root(e.cache_dir) or ""),
-        "prefetch_note": spec.is_local_model and not user_sets(spec.model.extra_args, LOAD_STRATEGY_FLAG),
+        "prefetch_note": (spec.is_local_model and spec.model.stage_weights == "none"
+                          and not user_sets(spec.model.extra_args, LOAD_STRATEGY_FLAG)),
+        "stage_where": STAGE_WHERE.get(spec.model.stage_weights, ""),
     }
 
 

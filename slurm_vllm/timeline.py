@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 SUBMITTED = "submitted"
 STARTED = "started"
 ALLOCATED = "allocated"
+STAGING = "staging"  # stage_weights: the head began copying the model to its own storage
+STAGED = "staged"
 RAY_HEAD = "ray_head"
 JOINED = "joined"
 VLLM_STARTED = "vllm_started"
@@ -44,13 +46,15 @@ ENGINE_READY = "engine_ready"
 FIRST_COMPLETION = "first_completion"
 
 #: The order of the moments of a run (ties in time keep it; clocks of nodes differ a little).
-ORDER = (SUBMITTED, STARTED, ALLOCATED, RAY_HEAD, JOINED, VLLM_STARTED, ENGINE_READY, FIRST_COMPLETION,
+ORDER = (SUBMITTED, STARTED, ALLOCATED, STAGING, STAGED, RAY_HEAD, JOINED, VLLM_STARTED, ENGINE_READY, FIRST_COMPLETION,
          Phase.READY.value, Phase.DEGRADED.value, Phase.ENDED.value, Phase.FAILED.value)
 
 LABELS = {
     SUBMITTED: "submitted (Slurm)",
     STARTED: "nodes allocated (Slurm)",
     ALLOCATED: "node program started",
+    STAGING: "staging weights",
+    STAGED: "weights staged",
     RAY_HEAD: "Ray head up",
     JOINED: "nodes joined",
     VLLM_STARTED: "vLLM started: loading weights",
@@ -141,7 +145,8 @@ def durations(moments: list[Moment]) -> dict[str, float]:
     """How long each stretch took, in seconds, for the stretches whose both ends are known.
 
     ``queued`` (submit to start), ``setup`` (start to the node program: batch script, modules,
-    container, srun), ``ray`` (node program to every node joined), ``loading`` (vLLM started to
+    container, srun), ``staging`` (the head's copy of the weights, with ``stage_weights``),
+    ``ray`` (node program, or the end of staging, to every node joined), ``loading`` (vLLM started to
     engine ready: weights, compilation, warm-up), ``first_completion`` (engine ready to the
     first token), ``total`` (submit, or start, to READY). A stretch a clock skew would make
     negative counts as 0.
@@ -150,7 +155,8 @@ def durations(moments: list[Moment]) -> dict[str, float]:
     stretches = (
         ("queued", get[SUBMITTED], get[STARTED]),
         ("setup", get[STARTED], get[ALLOCATED]),
-        ("ray", get[ALLOCATED], _all_joined(moments)),
+        ("staging", get[STAGING], get[STAGED]),
+        ("ray", get[STAGED] or get[ALLOCATED], _all_joined(moments)),
         ("loading", get[VLLM_STARTED], get[ENGINE_READY]),
         ("first_completion", get[ENGINE_READY], get[FIRST_COMPLETION]),
         ("total", get[SUBMITTED] or get[STARTED] or get[ALLOCATED], get[Phase.READY.value]),
@@ -171,7 +177,7 @@ def seconds_text(seconds: float) -> str:
 
 
 #: How the stretches are named on one line.
-SHORT = {"queued": "queued", "setup": "setup", "ray": "Ray", "loading": "loading",
+SHORT = {"queued": "queued", "setup": "setup", "staging": "staging", "ray": "Ray", "loading": "loading",
          "first_completion": "first token", "total": "total"}
 
 

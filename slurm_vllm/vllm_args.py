@@ -178,6 +178,7 @@ def build_serve_argv(
     shutdown_timeout: int | None = None,
     load_strategy: str | None = None,
     extra_flags: Sequence[str] = (),
+    model_path: str | None = None,
 ) -> list[str]:
     """The ``vllm serve`` argv for one node; no secret appears in it.
 
@@ -187,13 +188,17 @@ def build_serve_argv(
     in-flight requests finish after SIGTERM (``--shutdown-timeout``), unless the user set it.
     ``load_strategy``: ``--safetensors-load-strategy``, unless the user set it. ``extra_flags``:
     switches the node adds (e.g. ``--enable-scale-out`` for a replica), each unless the user set it.
+    ``model_path``: what vLLM loads instead of the spec's model (a node's staged copy); clients
+    keep the spec's name: it is passed as ``--served-model-name`` unless ``served_name`` is set
+    (``--served-model-name`` in the extra args is refused, so ``served_name`` is the one way).
     """
     backend = backend or spec.backend
     errors = check_extra_args(spec)
     if errors:  # the spec refuses them first; this guards specs edited after validation
         raise SpecErrors(errors)
     tp, pp = spec.tensor_parallel_size, spec.pipeline_parallel_size
-    argv = [*executable, "serve", spec.model.name]
+    model = model_path or spec.model.name
+    argv = [*executable, "serve", model]
     argv += ["--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
     if backend == "ray":
         argv += ["--distributed-executor-backend", "ray"]
@@ -212,8 +217,9 @@ def build_serve_argv(
         raise ValueError(f"unknown backend {backend!r}")
     if backend in ("ray", "local") or node_rank == 0:
         argv += ["--host", host, "--port", str(port)]
-        if spec.model.served_name:
-            argv += ["--served-model-name", spec.model.served_name]
+        served = spec.model.served_name or (spec.model.name if model != spec.model.name else None)
+        if served:
+            argv += ["--served-model-name", served]
     user_args = list(spec.model.extra_args)
     if shutdown_timeout and not any(_vllm_flag(a)[0] == "--shutdown-timeout" for a in user_args):
         argv += ["--shutdown-timeout", str(shutdown_timeout)]

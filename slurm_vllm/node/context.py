@@ -38,6 +38,8 @@ class NodeContext:
     temp_dir: str
     log: Callable[[str], None] = lifecycle.log
     owned: list[OwnedProcess] = field(default_factory=list)
+    #: What vLLM loads: this node's staged copy of the model (node/staging.py); None: the spec's model.
+    model_path: str | None = None
     # Copied from the topology for the serving step's convenience.
     rank: int = field(init=False)
     num_nodes: int = field(init=False)

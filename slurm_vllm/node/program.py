@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from slurm_vllm.errors import NodeError, SlurmVllmError
 from slurm_vllm.jobdir import HeadRecord, JobDir, Mark, Phase, Run, parse_restart, tail_lines, write_state
-from slurm_vllm.node import lifecycle, ray_cluster, topology, warm
+from slurm_vllm.node import lifecycle, ray_cluster, staging, topology, warm
 from slurm_vllm.node.context import ENV_NO_SERVE, NodeContext, hold
 from slurm_vllm.node.head import Head
 from slurm_vllm.node.lifecycle import OwnedProcess, Stopper
@@ -57,6 +57,7 @@ class NodeProgram:
         self.topo: Topology | None = None
         self.run_id: Run | None = None
         self._wrote_head = False
+        self.staged: staging.Staged | None = None  # this node's copy of the weights (stage_weights)
         self.started_at = time.time()  # the timeline's "allocated" on the head
 
     # ------------------------------------------------------------ shared by every role
@@ -99,6 +100,7 @@ class NodeProgram:
 
     def _teardown(self) -> None:
         lifecycle.terminate(self.owned, grace=lifecycle.TEARDOWN_GRACE, log_fn=self.log)
+        staging.release(self.staged, self.log)
         if self.stopper.failed:
             self._save_ray_logs()
         if self.temp_dir and not self.env.get(ENV_KEEP_TMP):
@@ -170,6 +172,9 @@ class NodeProgram:
         self.ports = ports = self._plan_ports(topo)
         self.temp_dir = ray_cluster.make_temp_dir(topo.job_id, topo.rank)
         self._sweep_stale_temp_dirs(topo)
+        self.staged = staging.stage_node(spec, topo, self.jobdir, run, self.env, self.log, self.stopper.event)
+        if self.stopper.stopped:
+            return 0
         if spec.replicas > 1:
             return self._run_replicas(spec, topo, ports)
         if spec.backend == "mp":
@@ -248,7 +253,8 @@ class NodeProgram:
         """What the serving step gets from this node (node/context.py)."""
         return NodeContext(spec=self.spec, jobdir=self.jobdir, run=self.current_run(), topology=topo, ports=ports,
                            env=env, stopper=self.stopper, ray_address=ray_address, temp_dir=str(self.temp_dir),
-                           log=self.log, owned=self.owned)
+                           log=self.log, owned=self.owned,
+                           model_path=str(self.staged.path) if self.staged is not None else None)
 
     def publish_head(self, topo: Topology, ports: PortPlan) -> None:
         """head.json: where this run's head listens (Ray's GCS, the API port)."""

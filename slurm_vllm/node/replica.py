@@ -19,8 +19,7 @@ from slurm_vllm.jobdir import ReplicaPhase, ReplicaRecord
 from slurm_vllm.node import serve
 from slurm_vllm.node.context import NodeContext
 from slurm_vllm.node.lifecycle import TIME_LIMIT, slurm_kill_wait, stop
-from slurm_vllm.node.warm import load_strategy_for
-from slurm_vllm.vllm_args import SCALE_OUT_FLAG, build_serve_argv, installed_vllm, vllm_executable
+from slurm_vllm.vllm_args import SCALE_OUT_FLAG, installed_vllm, vllm_executable
 
 #: Seconds before the first restart; doubled per restart, at most BACKOFF_MAX.
 BACKOFF_FIRST = 5.0
@@ -63,13 +62,10 @@ def serve_replica(ctx: NodeContext) -> None:
     base = f"http://{ctx.ip}:{port}"
     report = Reporter(ctx, index, base + "/v1")
     log_path = ctx.jobdir.vllm_log(ctx.run.restart or 0, ctx.rank)
-    executable = vllm_executable(ctx.env or None)
     # The router's own (cache-aware) policy tokenizes through the replicas' render endpoints.
-    scale_out = [SCALE_OUT_FLAG] if installed_vllm(tuple(executable)).has_scale_out else []
-    argv = build_serve_argv(ctx.spec, host=ctx.ip, port=port, backend="local", executable=executable,
-                            shutdown_timeout=None, extra_flags=scale_out,
-                            load_strategy=load_strategy_for(ctx.spec.model.name, ctx.spec.model.extra_args,
-                                                            ctx.env, ctx.log))
+    scale_out = [SCALE_OUT_FLAG] if installed_vllm(tuple(vllm_executable(ctx.env or None))).has_scale_out else []
+    argv = serve.serve_argv(ctx, host=ctx.ip, port=port, backend="local", shutdown_timeout=None,
+                            extra_flags=scale_out)
     env = serve.serve_env(os.environ, ctx.env, api_key=key)
     grace = serve.stop_grace(slurm_kill_wait())
     limit = ctx.spec.serve.replica_restarts

@@ -433,19 +433,25 @@ def free_api_port(ctx: NodeContext) -> int:
     return free_port_now(ctx, api_port(ctx), "the vLLM API")
 
 
+def serve_argv(ctx: NodeContext, *, host: str, port: int, backend: str, shutdown_timeout: int | None,
+               nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None,
+               master_port: int | None = None, extra_flags: Sequence[str] = ()) -> list[str]:
+    """This node's ``vllm serve`` argv (the Ray head, each mp node, each replica): the spec's
+    model, or this node's staged copy of it (``ctx.model_path``) under the spec's name."""
+    model = ctx.model_path or ctx.spec.model.name
+    return build_serve_argv(
+        ctx.spec, host=host, port=port, backend=backend, nnodes=nnodes, node_rank=node_rank,
+        master_addr=master_addr, master_port=master_port, executable=vllm_executable(ctx.env or None),
+        shutdown_timeout=shutdown_timeout,
+        load_strategy=load_strategy_for(model, ctx.spec.model.extra_args, ctx.env, ctx.log),
+        model_path=ctx.model_path, extra_flags=extra_flags)
+
+
 def run_head_serving(ctx: NodeContext) -> int:
     """Ray backend, on the head after all nodes joined: run vLLM on the cluster until the end."""
     port = free_api_port(ctx)
     key = job_api_key(ctx)
-    argv = build_serve_argv(
-        ctx.spec,
-        host=ctx.head_ip,
-        port=port,
-        backend="ray",
-        executable=vllm_executable(ctx.env or None),
-        shutdown_timeout=_shutdown_timeout(ctx),
-        load_strategy=load_strategy_for(ctx.spec.model.name, ctx.spec.model.extra_args, ctx.env, ctx.log),
-    )
+    argv = serve_argv(ctx, host=ctx.head_ip, port=port, backend="ray", shutdown_timeout=_shutdown_timeout(ctx))
     env = serve_env(os.environ, ctx.env, api_key=key, ray_address=ray_address(ctx))
     return serve_and_watch(ctx, argv, env, ip=ctx.head_ip, port=port, api_key=key,
                            log_path=ctx.jobdir.vllm_log(ctx.run.restart or 0))
@@ -489,19 +495,8 @@ def run_mp_node(ctx: NodeContext) -> int:
             return 0
         addr, mport, port = info.ip, info.gcs_port, int(info.api_port or 0)
     key = job_api_key(ctx) if ctx.rank == 0 else None
-    argv = build_serve_argv(
-        ctx.spec,
-        host=addr,
-        port=port,
-        backend="mp",
-        nnodes=ctx.num_nodes,
-        node_rank=ctx.rank,
-        master_addr=addr,
-        master_port=mport,
-        executable=vllm_executable(ctx.env or None),
-        shutdown_timeout=_shutdown_timeout(ctx),
-        load_strategy=load_strategy_for(ctx.spec.model.name, ctx.spec.model.extra_args, ctx.env, ctx.log),
-    )
+    argv = serve_argv(ctx, host=addr, port=port, backend="mp", shutdown_timeout=_shutdown_timeout(ctx),
+                      nnodes=ctx.num_nodes, node_rank=ctx.rank, master_addr=addr, master_port=mport)
     env = serve_env(os.environ, ctx.env, api_key=key)
     log_path = mp_log_path(ctx.jobdir, ctx.rank, ctx.run.restart or 0)
     if ctx.rank == 0:

@@ -81,6 +81,10 @@ RouterPolicy = Literal["random", "round_robin", "cache_aware", "kv_aware", "powe
                        "sticky_least_loaded"]
 
 
+#: Where ``stage_weights`` copies a local model on each node (node/staging.py).
+StageWeights = Literal["none", "local", "shm"]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -93,6 +97,11 @@ class ModelSection(_Section):
     extra_args: list[str] = Field(
         default_factory=list, description="Extra `vllm serve` arguments, passed through verbatim."
     )
+    stage_weights: StageWeights = Field(
+        default="none", description="Copy a local model to each node's own storage before vllm serve and serve "
+                                    "that copy: none, local (node-local disk) or shm (/dev/shm).")
+    keep_staged: StrictBool = Field(
+        default=False, description="Keep the staged copy on the nodes after the job, for the next job to reuse.")
 
 
 class ResourcesSection(_Section):

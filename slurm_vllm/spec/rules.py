@@ -249,6 +249,13 @@ def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
                                                 "into the container with --bind, which splits on them)",
                       problem="cannot be bound"))
 
+    if spec.model.stage_weights != "none" and not spec.is_local_model:
+        add(SpecError("stage_weights", spec.model.stage_weights,
+                      "staging copies a local model directory: download the model to the shared filesystem "
+                      "first (e.g. huggingface-cli download ORG/NAME --local-dir ~/models/NAME) and give that "
+                      "path as model, or set stage_weights: none",
+                      problem="needs a local model path, not a hub id"))
+
     if e.container and spec.is_local_model and any(c in spec.model.name for c in ":,"):
         add(SpecError("model", spec.model.name,
                       "choose a model path without ':' or ',' (a local model is bound into the container "

@@ -451,3 +451,21 @@ def test_the_prefetch_note_only_for_a_local_model_without_the_users_choice(tmp_p
     assert "prefetch" not in render_script(ServeSpec("org/M"), JobDir(JOB_DIR))
     mine = ServeSpec(str(model), extra_args=["--safetensors-load-strategy", "lazy"])
     assert "passes --safetensors-load-strategy" not in render_script(mine, JobDir(JOB_DIR))
+
+
+def test_the_script_says_the_weights_are_staged(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    script = render_script(ServeSpec(str(model), stage_weights="shm"), JobDir(JOB_DIR))
+    assert "# Weights are staged: before `vllm serve`, every node copies the model to its own" in script
+    assert "# /dev/shm (under svl-u<uid>/models/)" in script and f"(--served-model-name {model})" in script
+    assert "removed when the job ends" in script and "prefetch" not in script
+    kept = render_script(ServeSpec(str(model), stage_weights="local", keep_staged=True, served_name="m"),
+                         JobDir(JOB_DIR))
+    assert "node-local disk ($SLURM_TMPDIR, else $TMPDIR, else /tmp)" in kept and "keep_staged: the copy stays" in kept
+    assert "--served-model-name" not in kept
+    assert "Weights are staged" not in render_script(ServeSpec(str(model)), JobDir(JOB_DIR))
+    path = tmp_path / "staged.sbatch"
+    path.write_text(script)
+    assert bash_n(path).returncode == 0, bash_n(path).stderr

@@ -675,3 +675,17 @@ def test_cache_dir_empty_or_unbindable_is_refused(tmp_path):
     assert "none" in err.fix
     err = one_error("cache_dir", "org/M", cache_dir="/scratch/a:b", container="docker://org/img:1")
     assert "--bind" in err.fix
+
+
+def test_stage_weights_needs_a_local_model(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    spec = ServeSpec(str(model), stage_weights="shm", keep_staged="true")
+    assert (spec.model.stage_weights, spec.model.keep_staged) == ("shm", True)
+    assert ServeSpec(str(model)).model.stage_weights == "none"
+    with pytest.raises(SpecErrors, match=r"stage_weights='local' needs a local model path, not a hub id: .*"
+                                         r"give that path as model, or set stage_weights: none"):
+        ServeSpec("org/M", stage_weights="local")
+    with pytest.raises(SpecErrors, match="stage_weights"):
+        ServeSpec(str(model), stage_weights="nvme")

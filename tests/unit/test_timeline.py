@@ -294,3 +294,15 @@ def test_wait_ends_with_the_durations_on_stderr(jd: JobDir, cli_env: None, capsy
     out, err = capsys.readouterr()
     assert rc == 0 and out.startswith("READY http://10.0.0.5:8001/v1")
     assert "time to ready: queued 20s" in err and "time to ready" not in out
+
+
+def test_staging_has_its_own_stretch_before_ray() -> None:
+    marks = [Mark(name=timeline.ALLOCATED, at=10.0), Mark(name=timeline.STAGING, at=11.0),
+             Mark(name=timeline.STAGED, at=41.0, detail="reused"), Mark(name=timeline.JOINED, at=45.0, detail="2/2")]
+    state = StateRecord(job_id="1", phase=Phase.STARTING_RAY, timeline=marks)
+    moments = timeline.build(state)
+    assert [m.name for m in moments] == [timeline.ALLOCATED, timeline.STAGING, timeline.STAGED, timeline.JOINED]
+    assert moments[2].label == "weights staged (reused)"
+    spans = timeline.durations(moments)
+    assert spans["staging"] == 30.0 and spans["ray"] == 4.0
+    assert timeline.one_line(spans).startswith("staging 30s, Ray 4.0s")

@@ -106,3 +106,23 @@ def test_a_switch_the_node_adds_yields_to_the_users_own() -> None:
     mine = ServeSpec("org/m", nodes=2, replicas=2, gpus_per_node=1, extra_args=["--enable-scale"])
     assert SCALE_OUT_FLAG not in build_serve_argv(mine, host="h", port=1, backend="local",
                                                   extra_flags=[SCALE_OUT_FLAG])
+
+
+def test_a_staged_copy_is_loaded_under_the_models_own_name() -> None:
+    spec = ServeSpec.model_validate({"model": "/shared/models/llama", "stage_weights": "shm"},
+                                    context={"check_paths": False})
+    argv = vllm_args.build_serve_argv(spec, host="h", port=1, model_path="/dev/shm/svl-u1/models/llama-abc")
+    assert argv[1:3] == ["serve", "/dev/shm/svl-u1/models/llama-abc"]
+    assert argv[argv.index("--served-model-name") + 1] == "/shared/models/llama"
+    named = ServeSpec.model_validate({"model": "/shared/models/llama", "served_name": "llama"},
+                                     context={"check_paths": False})
+    argv = vllm_args.build_serve_argv(named, host="h", port=1, model_path="/dev/shm/x")
+    assert argv.count("--served-model-name") == 1 and argv[argv.index("--served-model-name") + 1] == "llama"
+    # Not staged: vLLM's default served name is the model itself; nothing is added.
+    assert "--served-model-name" not in vllm_args.build_serve_argv(spec, host="h", port=1)
+    # A headless mp rank serves no API and gets no name.
+    mp = ServeSpec.model_validate({"model": "/shared/models/llama", "nodes": 2, "backend": "mp"},
+                                  context={"check_paths": False})
+    other = vllm_args.build_serve_argv(mp, host="h", port=1, nnodes=2, node_rank=1, master_addr="h",
+                                       master_port=2, model_path="/dev/shm/x")
+    assert other[2] == "/dev/shm/x" and "--served-model-name" not in other

@@ -38,3 +38,12 @@ def test_stop_and_fail_reach_the_serving_step(tmp_path):
     assert isinstance(ctx.stop_event, threading.Event) and not ctx.stop_event.is_set()
     ctx.fail("node n2 left")
     assert ctx.stop_event.is_set() and ctx.stop_reason == "node n2 left" and ctx.stopper.failed
+
+
+def test_the_serving_step_loads_the_staged_copy_the_context_names(tmp_path):
+    ctx = make_ctx(tmp_path)
+    assert ctx.model_path is None
+    assert serve.serve_argv(ctx, host="h", port=1, backend="ray", shutdown_timeout=None)[2] == "org/m"
+    ctx.model_path = str(tmp_path / "staged")
+    argv = serve.serve_argv(ctx, host="h", port=1, backend="ray", shutdown_timeout=None)
+    assert argv[2] == str(tmp_path / "staged") and argv[argv.index("--served-model-name") + 1] == "org/m"
