@@ -249,11 +249,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{s.job_id}\t{s.summary()}")
             if s.durations:
                 print(f"  time to ready: {one_line(s.durations)}")
+            for c in s.preflight:
+                if c.get("status") == "warn":
+                    print(f"  pre-flight warning: {c.get('node')}: {c.get('detail')}")
             if s.phase == "FAILED":
                 if s.log_tail:
                     print("  " + s.log_tail.replace("\n", "\n  "))
-                print(f"  next: slurm-vllm logs {s.job_id} --node vllm   (vLLM's log; --node 0 the head's node "
-                      "program, --node batch the batch script)")
+                if s.reason.startswith("preflight:"):
+                    print(f"  next: slurm-vllm status {s.job_id} --json   (every node's pre-flight checks; each "
+                          "diagnosis and its fix: docs/troubleshooting.md, \"Pre-flight\")")
+                else:
+                    print(f"  next: slurm-vllm logs {s.job_id} --node vllm   (vLLM's log; --node 0 the head's node "
+                          "program, --node batch the batch script)")
     return ExitCode.OK
 
 

@@ -92,6 +92,7 @@ class JobStatus:
     elapsed: str = ""
     timeline: list[dict[str, Any]] = field(default_factory=list)  # this run's moments (timeline.py)
     durations: dict[str, float] = field(default_factory=dict)  # seconds per stretch: queued, ray, ...
+    preflight: list[dict[str, Any]] = field(default_factory=list)  # every node's checks: node, check, status, detail
     checked_at: float = field(default_factory=time.time)
 
     @property
@@ -193,6 +194,7 @@ def combine(
         slurm_state=(sjob.state.raw if sjob else ""),
         elapsed=(sjob.elapsed if sjob else ""),
         model=spec_summary(jobdir).get("model") or None,
+        preflight=[c.model_dump(mode="json") for c in st.preflight] if st else [],
     )
     if status.nodes_expected is None and sjob is not None and sjob.nodes:
         status.nodes_expected = sjob.nodes

@@ -9,17 +9,17 @@ This module owns the one interface between the login side and the compute nodes:
   is the one rule every reader on either side uses to decide whether a record is the current
   run's;
 - the **records** (:class:`StateRecord` with its timeline of :class:`Mark`, :class:`HeadRecord`,
-  :class:`EndpointRecord`), written atomically (temporary name in the same folder, then rename)
-  and read tolerantly: a missing, truncated, corrupt or foreign file is "absent", with one short
-  warning, never a crash;
+  :class:`EndpointRecord`, :class:`PreflightRecord`), written atomically (temporary name in the
+  same folder, then rename) and read tolerantly: a missing, truncated, corrupt or foreign file
+  is "absent", with one short warning, never a crash;
 - **creation** (:func:`create_job_dir`): unique and atomic, private (0700), marked as ours, and
   undone by :meth:`JobDir.remove` when a submission fails.
 
 The login side creates the directory and writes ``spec.json``, ``job.sbatch`` and the secrets;
 the head node writes ``state.json``, ``head.json`` and ``endpoint.json``; every node writes its
-log under ``logs/`` (``logs/attempt-N/`` for the N-th restart of a requeued job). When a new run
-starts, the head moves the previous run's records next to that run's logs, so they are kept and
-never taken for the current run's.
+pre-flight record (``preflight-<rank>.json``) and its log under ``logs/`` (``logs/attempt-N/``
+for the N-th restart of a requeued job). When a new run starts, the head moves the previous
+run's records next to that run's logs, so they are kept and never taken for the current run's.
 """
 
 from __future__ import annotations
@@ -245,6 +245,43 @@ class ReplicaRecord(ReplicaInfo, Record):
     FILE: ClassVar[str] = "replica-{index}.json"
 
 
+#: A pre-flight check's outcome: ``fail`` ends the job before vLLM starts, ``warn`` is logged and kept.
+CheckStatus = Literal["ok", "warn", "fail"]
+
+
+class PreflightCheck(BaseModel):
+    """One pre-flight check on one node (node/preflight.py), as ``state.json`` and ``status --json`` show it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    node: str
+    check: str
+    status: CheckStatus
+    detail: str = ""
+
+
+class PreflightRecord(Record):
+    """``preflight-<rank>.json``: one node's pre-flight checks, written by that node before vLLM starts.
+
+    The head compares every node's ``model_fingerprint`` (the sha256 of the model's
+    ``config.json``); its own record also carries the all-reduce's rendezvous port and, once it
+    has decided, the ``verdict`` the other nodes wait for.
+    """
+
+    FILE: ClassVar[str] = "preflight-{rank}.json"
+
+    rank: int
+    host: str
+    ip: str = ""
+    interface: str = ""
+    checks: list[PreflightCheck] = Field(default_factory=list)
+    model_fingerprint: str = ""
+    rendezvous_port: int | None = None
+    verdict: Literal["", "passed", "failed"] = ""
+    reason: str = ""
+    written_at: float = 0.0
+
+
 class StateRecord(Record):
     """``state.json``: where the head is (phase, nodes, reason), written only by the head."""
 
@@ -272,6 +309,7 @@ class StateRecord(Record):
     replicas_expected: int | None = None
     router_address: str = ""  # vllm-router's loopback address on the head node (never published beyond it)
     timeline: list[Mark] = Field(default_factory=list)
+    preflight: list[PreflightCheck] = Field(default_factory=list)  # every node's checks, as the head saw them
 
 
 class HeadRecord(Record):
@@ -454,6 +492,13 @@ class JobDir:
     def read_replica(self, index: int, run: Run | None = None) -> ReplicaRecord | None:
         return _current(ReplicaRecord.read(self.replica(index)), run)
 
+    def preflight(self, rank: int) -> Path:
+        """Where node ``rank`` writes its pre-flight checks (PreflightRecord)."""
+        return self.path / PreflightRecord.FILE.format(rank=rank)
+
+    def read_preflight(self, rank: int, run: Run | None = None) -> PreflightRecord | None:
+        return _current(PreflightRecord.read(self.preflight(rank)), run)
+
     def router_log(self, restart: int = 0) -> Path:
         """vllm-router's and the authenticating front's output (rank 0, with replicas)."""
         return self.attempt_logs(restart) / "router.log"
@@ -539,7 +584,8 @@ class JobDir:
         moved = []
         records: list[tuple[type[Record], Path]] = [
             (StateRecord, self.state), (EndpointRecord, self.endpoint), (HeadRecord, self.head),
-            *((ReplicaRecord, p) for p in sorted(self.path.glob(ReplicaRecord.FILE.format(index="*"))))]
+            *((ReplicaRecord, p) for p in sorted(self.path.glob(ReplicaRecord.FILE.format(index="*")))),
+            *((PreflightRecord, p) for p in sorted(self.path.glob(PreflightRecord.FILE.format(rank="*"))))]
         for cls, path in records:
             record = cls.read(path)
             if record is None or is_current(record, run):

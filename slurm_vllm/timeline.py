@@ -12,6 +12,7 @@ The node side records, in this order:
 ``submitted``         Slurm's SubmitTime (asked once by the head as the run starts)
 ``started``           Slurm's StartTime: the nodes were allocated
 ``allocated``         the node program started on the head (after the batch script's set-up)
+``preflight``         every node's pre-flight checks passed (``ok`` false: they failed)
 ``ray_head``          the head's Ray GCS answers
 ``joined`` ``k/N``    k nodes were alive in the Ray cluster for the first time
 ``vllm_started``      ``vllm serve`` started: weights loading, compilation, warm-up
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 SUBMITTED = "submitted"
 STARTED = "started"
 ALLOCATED = "allocated"
+PREFLIGHT = "preflight"
 STAGING = "staging"  # stage_weights: the head began copying the model to its own storage
 STAGED = "staged"
 RAY_HEAD = "ray_head"
@@ -46,13 +48,15 @@ ENGINE_READY = "engine_ready"
 FIRST_COMPLETION = "first_completion"
 
 #: The order of the moments of a run (ties in time keep it; clocks of nodes differ a little).
-ORDER = (SUBMITTED, STARTED, ALLOCATED, STAGING, STAGED, RAY_HEAD, JOINED, VLLM_STARTED, ENGINE_READY, FIRST_COMPLETION,
+ORDER = (SUBMITTED, STARTED, ALLOCATED, PREFLIGHT, STAGING, STAGED, RAY_HEAD, JOINED, VLLM_STARTED, ENGINE_READY,
+         FIRST_COMPLETION,
          Phase.READY.value, Phase.DEGRADED.value, Phase.ENDED.value, Phase.FAILED.value)
 
 LABELS = {
     SUBMITTED: "submitted (Slurm)",
     STARTED: "nodes allocated (Slurm)",
     ALLOCATED: "node program started",
+    PREFLIGHT: "pre-flight checks",
     STAGING: "staging weights",
     STAGED: "weights staged",
     RAY_HEAD: "Ray head up",

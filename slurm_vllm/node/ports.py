@@ -50,7 +50,14 @@ NAMED = (
     "front",
     "router",
     "router_metrics",
+    "preflight",
 )
+
+#: The named ports a process of the job binds for as long as it runs, the ones
+#: :meth:`PortPlan.taken` tests again before use. ``preflight`` is not one: the pre-flight
+#: all-reduce's rendezvous on the head binds it for a moment, before anything else starts, and
+#: may leave it in TIME_WAIT for a minute after (node/preflight.py).
+HELD = tuple(n for n in NAMED if n != "preflight")
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,7 @@ class PortPlan:
     front: int  # with replicas, on rank 0: the authenticating front, the job's public URL
     router: int  # vllm-router, loopback only
     router_metrics: int  # vllm-router's Prometheus exporter, loopback only
+    preflight: int  # on rank 0: the pre-flight all-reduce's rendezvous (torch.distributed's store)
     min_worker: int
     max_worker: int
 
@@ -104,7 +112,7 @@ class PortPlan:
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
-    def taken(self, names: tuple[str, ...] = NAMED, is_free: Callable[[int], bool] | None = None) -> list[int]:
+    def taken(self, names: tuple[str, ...] = HELD, is_free: Callable[[int], bool] | None = None) -> list[int]:
         """The ports among ``names`` that something on this node holds now."""
         free = is_free or port_is_free
         return [getattr(self, n) for n in names if not free(getattr(self, n))]

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from slurm_vllm.errors import NodeError, SlurmVllmError
 from slurm_vllm.jobdir import HeadRecord, JobDir, Mark, Phase, Run, parse_restart, tail_lines, write_state
-from slurm_vllm.node import lifecycle, ray_cluster, staging, topology, warm
+from slurm_vllm.node import lifecycle, preflight, ray_cluster, staging, topology, warm
 from slurm_vllm.node.context import ENV_NO_SERVE, NodeContext, hold
 from slurm_vllm.node.head import Head
 from slurm_vllm.node.lifecycle import OwnedProcess, Stopper
@@ -172,6 +172,8 @@ class NodeProgram:
         self.ports = ports = self._plan_ports(topo)
         self.temp_dir = ray_cluster.make_temp_dir(topo.job_id, topo.rank)
         self._sweep_stale_temp_dirs(topo)
+        if not preflight.run(self, spec, topo, ports):  # every node's checks, before Ray or vLLM
+            return 0
         self.staged = staging.stage_node(spec, topo, self.jobdir, run, self.env, self.log, self.stopper.event)
         if self.stopper.stopped:
             return 0

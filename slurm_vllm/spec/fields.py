@@ -142,11 +142,14 @@ class ParallelSection(_Section):
 
 
 class RaySection(_Section):
-    """Deadlines for forming the Ray cluster inside the job."""
+    """Forming the cluster inside the job: its deadlines and the pre-flight checks before it."""
 
     join_timeout: float = Field(default=300.0,
                                 description="A worker gives up joining the head after this many seconds.")
     cluster_timeout: float = Field(default=600.0, description="The head gives up waiting for all nodes after this.")
+    preflight: Literal["full", "quick", "off"] = Field(
+        default="full", description="Checks on every node before vLLM starts: full, quick (no cross-node "
+                                    "all-reduce) or off.")
 
 
 class NetworkSection(_Section):

@@ -223,6 +223,20 @@ def test_status_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert data["phase"] == "PENDING" and data["job_id"] == "42" and "Resources" in data["reason"]
 
 
+def test_status_names_a_failed_preflight_its_warnings_and_where_to_look(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    d = make_job(tmp_path)
+    checks = [{"node": "labnode1", "check": "shm", "status": "warn", "detail": "/dev/shm has 512 MiB free"},
+              {"node": "labnode2", "check": "gpus", "status": "fail", "detail": "GPUs visible 1, asked 2"}]
+    write_state(d, Run("42"), "FAILED", reason="preflight: labnode2: GPUs visible 1, asked 2", preflight=checks)
+    fake = FakeSlurm(squeue=ok(["squeue"], sq("42", "RUNNING", workdir=str(d.path))))
+    rc, out, _ = run_cli(["status", str(d.path)], fake, capsys)
+    assert rc == 0
+    assert "42\tFAILED (preflight: labnode2: GPUs visible 1, asked 2)" in out
+    assert "  pre-flight warning: labnode1: /dev/shm has 512 MiB free" in out
+    assert "next: slurm-vllm status 42 --json   (every node's pre-flight checks" in out
+
+
 def test_status_of_many_jobs_is_one_slurm_call(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dirs = [make_job(tmp_path, str(100 + i), f"j{i}") for i in range(25)]
     lines = "".join(sq(str(100 + i), "RUNNING", workdir=str(d.path)) for i, d in enumerate(dirs))

@@ -107,6 +107,17 @@ def test_head_reported_failure_wins_while_slurm_still_runs(jd: JobDir) -> None:
     assert (st.phase, st.reason, st.log_tail) == ("FAILED", "node 1 never joined", "boom")
 
 
+def test_a_failed_preflight_is_the_reason_and_every_check_is_in_the_status(jd: JobDir) -> None:
+    checks = [{"node": "labnode1", "check": "gpus", "status": "ok", "detail": "GPUs visible 2, asked 2"},
+              {"node": "labnode2", "check": "gpus", "status": "fail", "detail": "GPUs visible 1, asked 2"},
+              {"node": "labnode2", "check": "shm", "status": "warn", "detail": "small"}]
+    state = {"job_id": "42", "phase": "FAILED", "reason": "preflight: labnode2: GPUs visible 1, asked 2",
+             "preflight": checks}
+    st = combine("42", jd, sjob("RUNNING"), state, None, None, never_probe)
+    assert st.summary() == "FAILED (preflight: labnode2: GPUs visible 1, asked 2)"
+    assert st.to_dict()["preflight"] == checks
+
+
 @pytest.mark.parametrize(
     "state,phase,words",
     [
