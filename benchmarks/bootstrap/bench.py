@@ -112,7 +112,8 @@ def prepare_slurm_vllm(out: Path, n: int, partition: str, venv: str) -> Path:
         "org/bootstrap-benchmark", nodes=n, gpus_per_node=1, partition=partition, time="00:05:00",
         exclusive=True, job_name="bench-slurm_vllm", venv=venv, job_dir=str(out / "job"),
         env={"SLURM_VLLM_NODE_NO_SERVE": "1", "BENCH_OUT": str(out)},
-        ray={"join_timeout": 120, "cluster_timeout": 120}))
+        # Forming the cluster only: the pre-flight's all-reduce (a torch import per node) is its own cost.
+        ray={"join_timeout": 120, "cluster_timeout": 120, "preflight": "quick"}))
     wrapper = out / "stamp.sh"
     wrapper.write_text(f"#!/bin/bash\n{STAMP}\nexec \"$@\"\n")
     wrapper.chmod(0o755)

@@ -372,8 +372,12 @@ def _unavailable(reason: str) -> Any:
 
 def make_job(tmp_path: Path, lab: Lab, *, nodes: int, name: str = "boot", join_timeout: float = 60,
              cluster_timeout: float = 90, gpus: int = 1, cpus: int = 1, mem: str = "1500M",
-             extra_env: dict[str, str] | None = None, sbatch_args: list[str] | None = None) -> Any:
-    """A real job directory and rendered script for a bootstrap-only job (no vLLM)."""
+             extra_env: dict[str, str] | None = None, sbatch_args: list[str] | None = None,
+             preflight: str = "quick") -> Any:
+    """A real job directory and rendered script for a bootstrap-only job (no vLLM).
+
+    The pre-flight's all-reduce (``preflight: full``, a torch import per node) is left out by
+    default: these jobs test forming the cluster; the serving tests run the full pre-flight."""
     from slurm_vllm.render import prepare_job
     from slurm_vllm.spec import ServeSpec
 
@@ -381,7 +385,7 @@ def make_job(tmp_path: Path, lab: Lab, *, nodes: int, name: str = "boot", join_t
         "org/bootstrap-only", nodes=nodes, gpus_per_node=gpus, cpus_per_task=cpus, mem=mem,
         partition=lab.partition, time="00:10:00", job_name=name,
         venv=str(lab.venv), env={"SLURM_VLLM_NODE_NO_SERVE": "1", **(extra_env or {})},
-        ray={"join_timeout": join_timeout, "cluster_timeout": cluster_timeout},
+        ray={"join_timeout": join_timeout, "cluster_timeout": cluster_timeout, "preflight": preflight},
         job_dir=str(tmp_path / name), sbatch_args=list(sbatch_args or []),
     )
     return prepare_job(spec)
