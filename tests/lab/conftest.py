@@ -10,7 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.lab import Lab, open_lab, sbatch, scancel, wait_gone, wait_running
+from tests.lab.lab import ENV_LAB_CACHE, Lab, open_lab, sbatch, scancel, wait_gone, wait_running
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compile_cache() -> Iterator[str]:
+    """One compile-cache folder for every vLLM job of the suite (spec ``cache_dir``), removed
+    at the end: later jobs of the tiny model start warm, and no test writes into a real home."""
+    path = Path(tempfile.mkdtemp(prefix="svl-cache-", dir=os.environ.get("SLURM_VLLM_LAB_TMP", "/tmp")))
+    path.chmod(0o755)
+    os.environ[ENV_LAB_CACHE] = str(path)
+    yield str(path)
+    os.environ.pop(ENV_LAB_CACHE, None)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

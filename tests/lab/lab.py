@@ -510,10 +510,20 @@ def fake_python(tmp_path: Path, body: str) -> str:
     return str(path)
 
 
+#: Set by the lab tier's session fixture: the compile caches every vLLM job of the suite shares.
+ENV_LAB_CACHE = "SLURM_VLLM_LAB_CACHE"
+
+
+def lab_cache_dir() -> str:
+    """The suite's shared compile-cache folder (a later job of the same model finds the earlier
+    one's entries, as a user's next job does in their own ``cache_dir``)."""
+    return os.environ[ENV_LAB_CACHE]
+
+
 def lab_serve_flags(lab: Lab) -> list[str]:
     """CLI flags that serve the lab's tiny model with CPU vLLM over LAB_NODES nodes (the lab profile)."""
     return ["--profile", LAB_PROFILE, str(lab.model), "--nodes", str(LAB_NODES), "--gpus-per-node", "1",
-            "--mem", "5000M"]
+            "--mem", "5000M", "--cache-dir", lab_cache_dir()]
 
 
 def lab_serve_kwargs(lab: Lab) -> dict[str, object]:
@@ -521,5 +531,5 @@ def lab_serve_kwargs(lab: Lab) -> dict[str, object]:
     from slurm_vllm.spec import read_spec_file
 
     kw: dict[str, object] = dict(read_spec_file(LAB_PROFILE))
-    kw.update(model=str(lab.model), nodes=LAB_NODES, gpus_per_node=1, mem="5000M")
+    kw.update(model=str(lab.model), nodes=LAB_NODES, gpus_per_node=1, mem="5000M", cache_dir=lab_cache_dir())
     return kw

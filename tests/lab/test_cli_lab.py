@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -15,12 +16,14 @@ from typing import Any
 
 import pytest
 
+from slurm_vllm.jobdir import plain
 from tests.lab.lab import (
     LAB_NODES,
     Lab,
     assert_no_processes,
     cli,
     fake_python,
+    lab_cache_dir,
     lab_serve_flags,
     lab_serve_kwargs,
     scancel,
@@ -199,6 +202,14 @@ def test_cli_submit_wait_endpoint_chat_cancel(lab: Lab, home: Path) -> None:
     assert json.loads((jd / "logs" / "state.json").read_text())["restart"] == 0
     assert "ray head" in (jd / "logs" / "node-0.log").read_text()  # the first run's log, kept
     assert "ray head" in (jd / "logs" / "attempt-1" / "node-0.log").read_text()
+    # The second run of the same model finds the first run's compile caches in the cache_dir
+    # (vLLM names the entry it loads; this CPU build then recompiles its AOT graph, warm from
+    # inductor's entries: docs/performance.md).
+    cache = Path(lab_cache_dir())
+    assert list(cache.glob("vllm-*/vllm/torch_compile_cache/*")), f"nothing cached under {cache}"
+    second_log = plain((jd / "logs" / "attempt-1" / "vllm.log").read_text(errors="replace"))
+    assert re.search(rf"[Ll]oad[^\n]* {re.escape(str(cache))}/vllm-[^/\s]+/vllm/torch_compile_cache", second_log), \
+        "the second run did not load from the first run's compile cache"
     ep = json.loads(cli(["endpoint", jid, "--json"], home).stdout)
     assert isinstance(_chat(ep["base_url"], ep["api_key"], ep["model"]), str)
 

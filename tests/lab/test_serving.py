@@ -25,6 +25,7 @@ from tests.lab.lab import (
     Lab,
     assert_no_processes,
     job_processes,
+    lab_cache_dir,
     read_state,
     sbatch,
     scancel,
@@ -52,7 +53,7 @@ def lab_spec(lab: Lab, job_dir: Path, **flags: Any) -> Any:
 
     base: dict[str, Any] = {
         "model": str(lab.model), "nodes": 2, "gpus_per_node": 1, "mem": "5000M", "partition": lab.partition,
-        "venv": str(lab.venv), "job_name": job_dir.name, "job_dir": str(job_dir),
+        "venv": str(lab.venv), "job_name": job_dir.name, "job_dir": str(job_dir), "cache_dir": lab_cache_dir(),
     }
     base.update(flags)
     spec, _ = build_spec(base, profile=str(PROFILE))
@@ -153,6 +154,24 @@ def test_ray_pp2_two_nodes_ready_answers_with_key_and_401_without(ray_job: dict[
     for f in jd.logs.iterdir():
         assert key not in f.read_text(errors="replace"), f"the API key leaked into {f.name}"
     assert all(key not in p.cmdline for p in job_processes(job_id, width=100_000))
+
+
+def test_the_timeline_has_every_phase_in_order_with_plausible_durations(ray_job: dict[str, Any]) -> None:
+    from slurm_vllm import timeline
+    from slurm_vllm.jobdir import StateRecord
+
+    state = StateRecord.model_validate(json.loads(ray_job["jd"].state.read_text()))
+    moments = timeline.build(state)
+    names = [m.name for m in moments]
+    needed = [timeline.STARTED, timeline.ALLOCATED, timeline.PREFLIGHT, timeline.RAY_HEAD, timeline.JOINED,
+              timeline.VLLM_STARTED, timeline.ENGINE_READY, timeline.FIRST_COMPLETION, "READY"]
+    assert [n for n in names if n in needed] == [n for n in needed if n in names] and set(needed) <= set(names), names
+    assert [m.at for m in moments] == sorted(m.at for m in moments), "the moments are not in time order"
+    assert [m.detail for m in moments if m.name == timeline.JOINED][-1] == "2/2"
+    spans = timeline.durations(moments)
+    assert {"setup", "ray", "loading", "first_completion", "total"} <= set(spans), spans
+    assert 0 < spans["ray"] < 120 and 5 < spans["loading"] < READY_TIMEOUT and spans["first_completion"] < 60
+    assert spans["total"] <= ray_job["ready_s"] + 60  # the node side's clock agrees with the test's
 
 
 def test_time_limit_warning_lets_the_inflight_completion_finish_then_ends(ray_job: dict[str, Any]) -> None:
