@@ -11,6 +11,7 @@ Run alone with ``pytest -m vllm tests/lab``.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import stat
 import subprocess
@@ -219,7 +220,14 @@ def _serve_and_answer(lab: Lab, job_dir: Path, **flags: Any) -> tuple[str, dict[
 
 
 def test_mp_backend_two_nodes_answers_like_a_single_node(lab: Lab, tmp_path: Path) -> None:
-    single, _ = _serve_and_answer(lab, tmp_path / "single", nodes=1, backend="mp")
+    # The single-node server reads its weights from the node's own /dev/shm (stage_weights: shm).
+    single, _ = _serve_and_answer(lab, tmp_path / "single", nodes=1, backend="mp", stage_weights="shm")
+    node_log = (tmp_path / "single" / "logs" / "node-0.log").read_text()
+    vllm_log = (tmp_path / "single" / "logs" / "vllm.log").read_text()
+    staged = re.search(r"staged \S+ \S+ in [\d.]+ s \(\d+ MB/s\) at (/dev/shm/\S+)", node_log)
+    assert staged, node_log[-2000:]
+    assert f"serve {staged.group(1)} " in vllm_log  # vLLM loaded the node's copy ...
+    assert f"removed the staged weights {staged.group(1)}" in node_log  # ... which is gone after the job
     two, state = _serve_and_answer(lab, tmp_path / "mp-pp2", nodes=2, backend="mp",
                                    pipeline_parallel_size=2, tensor_parallel_size=1)
     assert state["phase"] == "READY"
@@ -244,6 +252,31 @@ def test_lab_shim_is_inert_unless_enabled(lab: Lab) -> None:
     assert off.returncode == 0 and on.returncode == 0, off.stderr + on.stderr
     assert off.stdout.split() == ["''", "_all_group_ranks_share_shm_group_name"]
     assert on.stdout.split() == ["'vllm_cpu'", "all_ranks_share_shm"]
+
+
+def test_a_stage_target_too_small_fails_before_vllm_with_the_reason(lab: Lab, tmp_path: Path) -> None:
+    jd, job_id = submit(lab_spec(lab, tmp_path / "too-small", nodes=1, stage_weights="shm",
+                                 env={"SLURM_VLLM_STAGE_RESERVE": "100000G"}))
+    try:
+        state = wait_final_or_ready(jd, timeout=180)
+        assert state["phase"] == "FAILED" and "/dev/shm" in state["reason"] and "free" in state["reason"], state
+        assert not (jd.path / "logs" / "vllm.log").exists(), "vLLM was started"
+    finally:
+        end_job(job_id)
+        assert_no_processes(job_id)
+
+
+def test_every_node_passed_the_preflight_with_a_real_cross_node_all_reduce(ray_job: dict[str, Any]) -> None:
+    checks = json.loads(ray_job["jd"].state.read_text())["preflight"]
+    by_node: dict[str, set[str]] = {}
+    for c in checks:
+        assert c["status"] != "fail", c
+        by_node.setdefault(c["node"], set()).add(c["check"])
+    assert len(by_node) == 2, checks
+    for node, seen in by_node.items():
+        assert {"address", "ports", "shm", "temp_dir", "gpus", "model"} <= seen, (node, seen)
+    reduce = [c for c in checks if c["check"] == "allreduce"]
+    assert reduce and all(c["status"] == "ok" for c in reduce), reduce
 
 
 def test_broken_model_fails_with_vllms_error_and_no_orphans(lab: Lab, tmp_path: Path) -> None:
