@@ -293,3 +293,34 @@ def test_notebook_runs_headless(lab: Lab, home: Path) -> None:
     assert "READY" in outputs and "ENDED" in outputs, outputs[-2000:]
     assert "STARTING_RAY" in outputs or "LOADING_MODEL" in outputs, outputs[-2000:]  # wait_ready's progress
     assert os.environ.get("SLURM_VLLM_HOME") != str(home)  # the kernel's env did not leak here
+
+
+def _doctor(lab: Lab, home: Path, *flags: str) -> tuple[int, dict[str, dict[str, Any]]]:
+    proc = cli(["doctor", "--profile", str(DOCS.parent / "scripts" / "lab" / "profile.yaml"), str(lab.model),
+                *flags, "--json"], home, timeout=120)
+    return proc.returncode, {c["check"]: c for c in json.loads(proc.stdout)}
+
+
+def test_doctor_against_the_labs_real_slurm(lab: Lab, home: Path) -> None:
+    rc, ok = _doctor(lab, home, "--partition", lab.partition, "--nodes", "2", "--gpus-per-node", "2")
+    assert rc == 0, ok
+    assert ok["slurm"]["status"] == "ok" and ok["partition"]["status"] == "ok" and ok["fit"]["status"] == "ok", ok
+    assert ok["environment"]["status"] in ("ok", "warn") and ok["model"]["status"] == "ok", ok
+
+    rc, missing = _doctor(lab, home, "--partition", "no-such-partition")
+    assert rc == 2 and missing["partition"]["status"] == "fail", missing
+    assert "no-such-partition" in missing["partition"]["detail"]
+
+    rc, big = _doctor(lab, home, "--partition", lab.partition, "--nodes", "1", "--gpus-per-node", "8")
+    assert rc == 2 and big["fit"]["status"] == "fail" and "8" in big["fit"]["detail"], big
+
+
+def test_an_interface_the_nodes_lack_fails_the_job_naming_it(lab: Lab, home: Path) -> None:
+    """No vLLM starts: the node program names the interface before Ray."""
+    proc = cli(["submit", *lab_serve_flags(lab), "--interface", "ib9", "--wait", "--timeout", "240"], home, timeout=300)
+    assert proc.returncode == 4, (proc.stdout, proc.stderr[-2000:])
+    jid = _job_id(proc.stdout)
+    st = json.loads(cli(["status", jid, "--json"], home).stdout)
+    st = st[0] if isinstance(st, list) else st
+    assert st["phase"] == "FAILED" and "ib9" in st["reason"], st
+    assert_no_processes(jid)
