@@ -189,6 +189,7 @@ class Preflight:
             reason = diagnosis(found)
             p.write_state(Phase.FAILED, reason=reason, preflight=found, reported_by=topo.hostname,
                           head_host=topo.hostname,
+                          missing_hosts=[c.node for c in found if c.check == "record" and c.status == "fail"],
                           marks=[*marks, Mark(name=timeline.PREFLIGHT, at=time.time(), ok=False,
                                                   detail=reason.removeprefix("preflight: "))])
             self._rewrite(own, verdict="failed", reason=reason)
