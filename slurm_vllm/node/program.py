@@ -83,6 +83,7 @@ class NodeProgram:
         """
         topo, run = self.topo, self.run_id
         if topo is None or run is None:
+            self._early_final_state(failed, reason)
             return
         state = self.jobdir.read_state(run)
         final_now = state is not None and state.phase.final
@@ -94,6 +95,20 @@ class NodeProgram:
             return
         write_state(self.jobdir, run, Phase.FAILED if failed else Phase.ENDED, reason=reason,
                     reported_by=topo.hostname, log_tail=log_tail)
+
+    def _early_final_state(self, failed: bool, reason: str) -> None:
+        """A node that failed before it knew its place (e.g. no address on ``network.interface``):
+        rank 0, from Slurm's variables, still names the reason; others only if nobody has yet."""
+        if not failed:
+            return
+        try:
+            rank = topology.rank_from_env(self.env)
+            run = Run(topology.job_id_from_env(self.env), parse_restart(self.env.get("SLURM_RESTART_COUNT")))
+        except NodeError:
+            return
+        if rank != 0 and (self.jobdir.read_state(run) is not None or self.jobdir.read_head(run) is not None):
+            return
+        write_state(self.jobdir, run, Phase.FAILED, reason=reason, reported_by=self.hostname or os.uname().nodename)
 
     def _head_published(self) -> bool:
         return self.jobdir.read_head(self.run_id) is not None if self.run_id else False

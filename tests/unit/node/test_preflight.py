@@ -279,3 +279,22 @@ def test_the_node_program_ends_failed_before_ray_when_a_check_fails(tmp_path: Pa
                             "(is its filesystem mounted here?)")
     assert {c.check for c in state.preflight} == {"address", "ports", "shm", "temp_dir", "gpus", "model"}
     assert jd.read_preflight(0, Run("91")) is not None
+
+
+def test_a_node_that_fails_before_it_knows_its_place_still_names_the_reason(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch):
+    """No address on the interface the spec names: discovery fails, and rank 0 says why in state.json."""
+    from slurm_vllm.jobdir import write_json
+    from slurm_vllm.node import program
+
+    monkeypatch.setattr(program.lifecycle, "install_signal_handlers", lambda stopper: None)
+    monkeypatch.setattr(program.lifecycle, "become_subreaper", lambda on=True: False)
+    monkeypatch.setattr(program.topology, "slurm_hostnames", lambda nodelist, run=None: ["localhost"])
+    jd = JobDir(tmp_path / "job").create()
+    spec = ServeSpec.model_validate({"model": "org/m", "gpus_per_node": 0, "interface": "ib9", "cache_dir": "none"},
+                                    context={"check_paths": False})
+    write_json(jd.spec, spec.model_dump(mode="json"))
+    env = {"SLURM_JOB_ID": "92", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "localhost"}
+    assert program.NodeProgram(jd.path, env=env, hostname="localhost").run() == 1
+    state = jd.read_state(Run("92"))
+    assert state is not None and state.phase is Phase.FAILED and "network.interface='ib9'" in state.reason
