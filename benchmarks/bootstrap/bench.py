@@ -65,22 +65,7 @@ fi"""
 # one GCS client every 100 ms.
 FLOOR_BODY = """if [ "$SLURM_NODEID" = 0 ]; then
   ray start --head --port=6379 --include-dashboard=false --block >/dev/null &
-  python3 - {n} <<'PY'
-import os, socket, sys, time
-n = int(sys.argv[1])
-while True:
-    try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=0.2).close()
-        break
-    except OSError:
-        time.sleep(0.05)
-from ray._raylet import GcsClient
-client = GcsClient(address="127.0.0.1:6379")
-while sum(1 for v in client.get_all_node_info(timeout=2).values() if int(v.state) == 0) < n:
-    time.sleep(0.1)
-open(os.environ["BENCH_OUT"] + "/ready", "w").write(f"{{time.time()}}\n")
-PY
-  exec sleep 600
+  python3 {here}/floor_head.py {n} && exec sleep 600
 else
   until (exec 3<>"/dev/tcp/$HEAD/6379") 2>/dev/null; do sleep 0.05; done
   exec ray start --address="$HEAD:6379" --block >/dev/null
@@ -125,7 +110,7 @@ def prepare_slurm_vllm(out: Path, n: int, partition: str, venv: str) -> Path:
 
 def prepare_other(variant: str, out: Path, n: int, partition: str, venv: str) -> Path:
     body = {"seed": SEED_BODY.format(seed=HERE / "seed_like.sh", n=n), "symmetric-run": SYMMETRIC_BODY.format(n=n),
-            "dropin": DROPIN_BODY.format(n=n), "floor": FLOOR_BODY.format(n=n)}[variant]
+            "dropin": DROPIN_BODY.format(n=n), "floor": FLOOR_BODY.format(here=HERE, n=n)}[variant]
     script = out / "bench.sbatch"
     script.write_text(OTHER_SCRIPT.format(variant=variant, n=n, partition=partition, out=out, venv=venv,
                                           stamp=STAMP, body=body))
