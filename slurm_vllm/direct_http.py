@@ -23,14 +23,7 @@ def get(url: str, api_key: str | None = None, timeout: float = 5.0) -> tuple[int
 
     Connection failures raise ``OSError`` (``urllib.error.URLError`` is one).
     """
-    req = urllib.request.Request(url)
-    if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
-    try:
-        with _OPENER.open(req, timeout=timeout) as resp:
-            return int(resp.status), resp.read()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), b""
+    return _send(urllib.request.Request(url), api_key, timeout)
 
 
 def post(url: str, payload: Any = None, api_key: str | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -38,6 +31,11 @@ def post(url: str, payload: Any = None, api_key: str | None = None, timeout: flo
     data = b"" if payload is None else json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, method="POST")
     req.add_header("Content-Type", "application/json")
+    return _send(req, api_key, timeout)
+
+
+def _send(req: urllib.request.Request, api_key: str | None, timeout: float) -> tuple[int, bytes]:
+    """One request without proxies, the key as a bearer token; an HTTP error is a status."""
     if api_key:
         req.add_header("Authorization", f"Bearer {api_key}")
     try:

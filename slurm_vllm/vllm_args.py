@@ -297,7 +297,7 @@ def _script_python_vllm(executable: Sequence[str]) -> VllmInstall | None:
         return None
     code = ("import importlib.metadata as m, importlib.util as u, json; s = u.find_spec('vllm'); "
             "d = list(s.submodule_search_locations)[0] if s and s.submodule_search_locations else ''; "
-            "print(json.dumps([m.version('vllm') if d else '', d]))")
+            "print(json.dumps([next((x.version for x in m.distributions(name='vllm')), '') if d else '', d]))")
     try:
         out = subprocess.run([*first[2:].split(), "-c", code], capture_output=True, text=True, timeout=30,
                              check=False).stdout.strip()
@@ -321,24 +321,5 @@ def vllm_drains_on_sigterm(executable: Sequence[str]) -> bool:
     line, without importing vLLM (seconds, and the GPU libraries). Unknown (not a Python
     script, nothing found) is False: no flag is passed that the installed vLLM might refuse.
     """
-    try:
-        with open(executable[0], "rb") as f:
-            first = f.readline(512).decode(errors="replace")
-    except (OSError, IndexError):
-        return False
-    if not first.startswith("#!"):
-        return False
-    interpreter = first[2:].split()
-    code = ("import importlib.util as u; s = u.find_spec('vllm'); "
-            "print(list(s.submodule_search_locations)[0] if s and s.submodule_search_locations else '')")
-    try:
-        found = subprocess.run([*interpreter, "-c", code], capture_output=True, text=True, timeout=30,
-                               check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return False
-    if not found:
-        return False
-    try:
-        return '"--shutdown-timeout"' in (Path(found) / "engine" / "arg_utils.py").read_text(errors="replace")
-    except OSError:
-        return False
+    found = _script_python_vllm(executable)
+    return found is not None and found.source_has('"--shutdown-timeout"', "engine/arg_utils.py")

@@ -56,6 +56,16 @@ def as_the_node_program():
     lifecycle.become_subreaper(False)
 
 
+def wait_until_ready(ctx: NodeContext, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rec = ctx.jobdir.read_replica(1, ctx.run)
+        if rec is not None and rec.phase == "ready":
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"replica 1 not ready within {timeout} s")
+
+
 def test_each_node_is_one_replica_and_backoff_doubles_to_a_ceiling(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(replica, "BACKOFF_FIRST", 5.0)
@@ -90,12 +100,7 @@ def test_a_stop_ends_the_replica_and_its_vllm(tmp_path: Path) -> None:
     ctx = make_ctx(tmp_path)
     t = threading.Thread(target=replica.serve_replica, args=(ctx,))
     t.start()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        rec = ctx.jobdir.read_replica(1, ctx.run)
-        if rec is not None and rec.phase == "ready":
-            break
-        time.sleep(0.1)
+    wait_until_ready(ctx)
     ctx.stopper.stop("cancelled")
     t.join(30)
     assert not t.is_alive()
@@ -121,12 +126,7 @@ def test_the_time_limit_warning_drains_the_replica_then_ends_it(tmp_path: Path, 
                         lifecycle.stop(proc, 1.0) is None)
     t = threading.Thread(target=replica.serve_replica, args=(ctx,))
     t.start()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        rec = ctx.jobdir.read_replica(1, ctx.run)
-        if rec is not None and rec.phase == "ready":
-            break
-        time.sleep(0.1)
+    wait_until_ready(ctx)
     ctx.stopper.stop(lifecycle.TIME_LIMIT)
     t.join(30)
     rec = ctx.jobdir.read_replica(1, ctx.run)
