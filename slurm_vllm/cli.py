@@ -86,9 +86,9 @@ class Progress:
 
 def _add_spec_flags(p: argparse.ArgumentParser) -> None:
     """MODEL, --config, --profile, --template and every spec flag (from :mod:`slurm_vllm.options`)."""
-    from slurm_vllm import options  # noqa: PLC0415
+    from slurm_vllm import spec_flags  # noqa: PLC0415 - plain data: no pydantic for --help
 
-    options.add_spec_options(p)
+    spec_flags.add_spec_options(p)
 
 
 def _build_spec(args: argparse.Namespace) -> tuple[Any, list[Any]]:

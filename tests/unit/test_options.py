@@ -59,3 +59,12 @@ def test_an_optional_choice_field_offers_its_choices() -> None:
     assert args.router_policy == "round_robin"
     with pytest.raises(SystemExit):
         p.parse_args(["submit", "org/m", "--router-policy", "fastest"])
+
+
+def test_the_flag_table_is_the_one_the_spec_fields_generate() -> None:
+    """``submit --help`` reads the generated table (no pydantic); it must say what the fields say."""
+    table = Path(options.__file__).with_name("_flag_table.py").read_text()
+    assert table == options.flag_table_text(), "spec fields changed: run python -m slurm_vllm.options"
+    from slurm_vllm._flag_table import FLAGS
+
+    assert [(f, n) for f, n, _ in FLAGS] == [(f, n) for f, n, _ in options.SPEC_FLAGS]
