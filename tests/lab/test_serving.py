@@ -279,6 +279,34 @@ def test_every_node_passed_the_preflight_with_a_real_cross_node_all_reduce(ray_j
     assert reduce and all(c["status"] == "ok" for c in reduce), reduce
 
 
+def test_a_model_missing_on_some_nodes_fails_the_preflight_naming_them(lab: Lab, tmp_path: Path) -> None:
+    """The model is on the login side and on the first node only (each lab node has its own
+    /tmp/ray): the pre-flight names the other nodes before Ray or vLLM start."""
+    import os
+
+    if len(lab.nodes) < 3:
+        pytest.skip("needs the lab's 3 nodes")
+    name = f"svl-model-{os.getpid()}"
+    here = Path("/tmp/ray") / name
+    on_first = Path(lab.get("LAB_HOME")) / "nodes" / lab.nodes[0] / "tmp-ray" / name
+    for copy in (here, on_first):
+        shutil.copytree(lab.model, copy)
+    try:
+        jd, job_id = submit(lab_spec(lab, tmp_path / "missing", model=str(here), nodes=3))
+        try:
+            state = wait_final_or_ready(jd, timeout=180)
+            assert state["phase"] == "FAILED", state
+            assert state["reason"].startswith("preflight: ") and "does not exist on this node" in state["reason"]
+            assert all(node in state["reason"] for node in lab.nodes[1:]) and lab.nodes[0] not in state["reason"]
+            assert not (jd.path / "logs" / "vllm.log").exists(), "vLLM was started"
+        finally:
+            end_job(job_id)
+            assert_no_processes(job_id)
+    finally:
+        for copy in (here, on_first):
+            shutil.rmtree(copy, ignore_errors=True)
+
+
 def test_broken_model_fails_with_vllms_error_and_no_orphans(lab: Lab, tmp_path: Path) -> None:
     model = tmp_path / "broken-model"
     shutil.copytree(lab.model, model)
