@@ -18,6 +18,13 @@ from typing import Any
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+def root_url(base_url: str) -> str:
+    """A server's root from its OpenAI base URL (``http://h:p/v1`` -> ``http://h:p``), where
+    ``/health`` and ``/metrics`` live."""
+    base = base_url.rstrip("/")
+    return base[: -len("/v1")] if base.endswith("/v1") else base
+
+
 def get(url: str, api_key: str | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
     """GET ``url`` directly; (status, body). An HTTP error status is returned, not raised.
 

@@ -129,11 +129,6 @@ class JobStatus:
 # --------------------------------------------------------------------------------------------
 
 
-def _root_url(base_url: str) -> str:
-    base = base_url.rstrip("/")
-    return base[: -len("/v1")] if base.endswith("/v1") else base
-
-
 def probe_health(base_url: str, api_key: str | None = None, timeout: float = 3.0) -> tuple[bool, str]:
     """GET ``<root>/health``; (True, "") if it answers 200, else (False, why).
 
@@ -141,7 +136,7 @@ def probe_health(base_url: str, api_key: str | None = None, timeout: float = 3.0
     nodes, and the key must not travel through it.
     """
     try:
-        status, _ = direct_http.get(_root_url(base_url) + "/health", api_key, timeout)
+        status, _ = direct_http.get(direct_http.root_url(base_url) + "/health", api_key, timeout)
     except OSError as exc:
         reason = getattr(exc, "reason", exc)
         return False, f"/health unreachable: {reason}"

@@ -92,11 +92,6 @@ def _read_replica(index: int, url: str, text: str | None) -> ReplicaMetrics:
     return m
 
 
-def _root(url: str) -> str:
-    url = url.rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
-
-
 def read_metrics(replicas: Sequence[tuple[int, str]], api_key: str | None, *, router_url: str | None = None,
                  interval: float = 1.0, fetch: Fetch = fetch_text,
                  sleep: Callable[[float], None] = time.sleep) -> JobMetrics:
@@ -105,20 +100,20 @@ def read_metrics(replicas: Sequence[tuple[int, str]], api_key: str | None, *, ro
     ``router_url`` is the job's public base URL when it has a router: the front passes
     ``/metrics`` on to the router's exporter (with the key).
     """
-    first = {i: fetch(_root(u) + "/metrics", api_key) for i, u in replicas}
+    first = {i: fetch(direct_http.root_url(u) + "/metrics", api_key) for i, u in replicas}
     t0 = time.monotonic()
     if interval > 0:
         sleep(interval)
     out = JobMetrics()
     for i, u in replicas:
-        m = _read_replica(i, u, fetch(_root(u) + "/metrics", api_key))
+        m = _read_replica(i, u, fetch(direct_http.root_url(u) + "/metrics", api_key))
         before = _read_replica(i, u, first[i]).generated_tokens
         took = max(time.monotonic() - t0, 1e-6)
         if m.generated_tokens is not None and before is not None:
             m.tokens_per_second = max(m.generated_tokens - before, 0.0) / took
         out.replicas.append(m)
     if router_url is not None:
-        text = fetch(_root(router_url) + "/metrics", api_key)
+        text = fetch(direct_http.root_url(router_url) + "/metrics", api_key)
         out.router_answering = text is not None
         if text is not None:
             _add_router(out, text)
@@ -132,7 +127,7 @@ def _add_router(out: JobMetrics, text: str) -> None:
         return
     per_worker = {labels.get("worker", ""): v for labels, v in found.get(ROUTED + "_total", [])}
     for m in out.replicas:
-        m.requests_routed = per_worker.get(_root(m.url), 0.0 if per_worker else None)
+        m.requests_routed = per_worker.get(direct_http.root_url(m.url), 0.0 if per_worker else None)
     for labels, v in found.get("vllm_router_requests_total", []):
         out.router_requests[labels.get("route", "?")] = v
 

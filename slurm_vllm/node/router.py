@@ -70,9 +70,8 @@ def front_argv(*, host: str, port: int, router_port: int, metrics_port: int, key
     return argv + (["--key-file", str(key_file)] if key_file is not None else [])
 
 
-def worker_url(replica_url: str) -> str:
-    """A replica's URL as the router takes it: its base without ``/v1``."""
-    return replica_url[: -len("/v1")] if replica_url.endswith("/v1") else replica_url
+#: A replica's URL as the router takes it: its root, without ``/v1``.
+worker_url = direct_http.root_url
 
 
 @dataclass(frozen=True)
