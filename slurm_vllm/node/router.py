@@ -24,7 +24,7 @@ from typing import Any
 
 from slurm_vllm import direct_http
 from slurm_vllm.errors import NodeError
-from slurm_vllm.jobdir import EndpointRecord, Phase, ReplicaRecord, write_state
+from slurm_vllm.jobdir import Phase, ReplicaRecord, write_state
 from slurm_vllm.node import serve
 from slurm_vllm.node.context import NodeContext
 from slurm_vllm.node.lifecycle import TIME_LIMIT, OwnedProcess
@@ -184,16 +184,14 @@ class RouterSupervisor:
                     return 1
             records = [ctx.jobdir.read_replica(i, ctx.run) for i in range(n)]
             routed = self._steer(admin, records)
-            summary = summarize(records, routed, min_ready=spec.min_ready_replicas, served_before=self.served)
             if not self.served and len(routed) >= spec.min_ready_replicas:
                 model = complete_one_token(public, key)
                 if model is not None:
                     self.served = True
-                    EndpointRecord(job_id=ctx.run.job_id, restart=ctx.run.restart or 0, base_url=public,
-                                   model=model, host=ctx.head_host, port=ports.front).write(ctx.jobdir.endpoint,
-                                                                                            mode=0o600)
-                    summary = summarize(records, routed, min_ready=spec.min_ready_replicas, served_before=True)
+                    serve.write_endpoint(ctx.jobdir, ctx.run, ip=ctx.ip, port=ports.front, model=model,
+                                         host=ctx.head_host)
                     ctx.log(f"READY {len(routed)}/{n} replicas at {public}")
+            summary = summarize(records, routed, min_ready=spec.min_ready_replicas, served_before=self.served)
             self._publish(summary, records)
             if summary.phase is Phase.FAILED:
                 ctx.fail(summary.reason)
