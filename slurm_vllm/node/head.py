@@ -102,7 +102,7 @@ class Head:
         short = 0
         while not self.p.stopper.wait(1.0):
             if not head.running:
-                self.p.stopper.fail(f"the Ray head process exited (code {head.poll()})")
+                self.p.stopper.fail_unless_signalled(f"the Ray head process exited (code {head.poll()})")
                 return
             nodes = watcher.nodes(timeout=2.0)
             if nodes is None:
@@ -111,8 +111,8 @@ class Head:
             short = short + 1 if len(alive) < n else 0
             if short >= 2:
                 gone = ray_cluster.missing_hosts(hosts, alive)
-                self.p.stopper.fail(f"node(s) {', '.join(gone) or '?'} left the Ray cluster "
-                                    f"({len(alive)}/{n} alive)")
+                self.p.stopper.fail_unless_signalled(f"node(s) {', '.join(gone) or '?'} left the Ray "
+                                                     f"cluster ({len(alive)}/{n} alive)")
                 return
 
     def _serving_step(self, ctx: NodeContext) -> int:

@@ -35,6 +35,10 @@ PR_SET_CHILD_SUBREAPER = 36
 #: SIGTERM-to-SIGKILL wait when the node program tears its Ray processes down: Ray keeps nothing
 #: worth a longer wait, and Slurm's KillWait may be 3 s or less.
 TEARDOWN_GRACE = 1.5
+#: After a child dies, how long to wait for a stop signal that may be racing with its death:
+#: scancel signals every process of the step at once, and a child may die of it a moment
+#: before this process has run its own handler. Then it is a stop, not a failure.
+SIGNAL_RACE_GRACE = 2.0
 
 
 def log(msg: str, stream: IO[str] | None = None) -> None:
@@ -70,6 +74,14 @@ class Stopper:
             self.failed = True
             self.reason = reason
             self.event.set()
+
+    def fail_unless_signalled(self, reason: str, grace: float | None = None) -> bool:
+        """:meth:`fail` for a child that died, unless a stop arrives within ``grace`` seconds
+        (:data:`SIGNAL_RACE_GRACE`): then the signal's reason stands. True if it failed."""
+        if self.event.wait(SIGNAL_RACE_GRACE if grace is None else grace):
+            return False
+        self.fail(reason)
+        return self.failed
 
     @property
     def stopped(self) -> bool:

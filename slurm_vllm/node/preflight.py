@@ -194,8 +194,10 @@ class Preflight:
                                                   detail=reason.removeprefix("preflight: "))])
             self._rewrite(own, verdict="failed", reason=reason)
             raise NodeError(reason)
-        p.write_state(Phase.STARTING_RAY if uses_ray(self.spec) else Phase.LOADING_MODEL, preflight=found,
+        ray = uses_ray(self.spec)
+        p.write_state(Phase.STARTING_RAY if ray else Phase.LOADING_MODEL, preflight=found,
                       reason=None, head_host=topo.hostname, nodes_expected=topo.num_nodes,
+                      nodes_joined=0 if ray else topo.num_nodes,
                       marks=[*marks, Mark(name=timeline.PREFLIGHT, at=time.time(),
                                           detail=f"{topo.num_nodes} node(s), {took:.1f}s")])
         self._rewrite(own, verdict="passed")

@@ -180,8 +180,8 @@ class RouterSupervisor:
         while not ctx.stop_event.wait(POLL):
             for name, proc in (("vllm-router", router), ("the front", front)):
                 if not proc.running:
-                    ctx.fail(f"{name} exited (code {proc.poll()}); see {log}")
-                    return 1
+                    failed = ctx.stopper.fail_unless_signalled(f"{name} exited (code {proc.poll()}); see {log}")
+                    return 1 if failed else 0
             records = [ctx.jobdir.read_replica(i, ctx.run) for i in range(n)]
             routed = self._steer(admin, records)
             if not self.served and len(routed) >= spec.min_ready_replicas:

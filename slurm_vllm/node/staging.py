@@ -200,7 +200,7 @@ def _saved(path: Path) -> str:
         seconds = float(json.loads((path / META).read_text()).get("copy_seconds", 0))
     except (OSError, ValueError, TypeError, AttributeError):
         return ""
-    return f", saving the {seconds:.0f} s its copy took" if seconds else ""
+    return f", saving the {seconds:.3g} s its copy took" if seconds else ""
 
 
 def stage(source: str, mode: str, *, host: str, job_id: str, keep: bool, env: Mapping[str, str], log: Log,
@@ -252,7 +252,7 @@ def stage(source: str, mode: str, *, host: str, job_id: str, keep: bool, env: Ma
         seconds = time.monotonic() - t0
         rate = total / 1e6 / max(seconds, 1e-6)
         (tmp / META).write_text(json.dumps({"source": source, "files": len(files), "bytes": total, "job_id": job_id,
-                                            "host": host, "copy_seconds": round(seconds, 2),
+                                            "host": host, "copy_seconds": round(seconds, 3),
                                             "mb_per_s": round(rate, 1), "at": time.time()}) + "\n")
         with locked(models):
             try:

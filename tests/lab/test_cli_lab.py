@@ -264,7 +264,7 @@ def test_submitit_runs_the_real_node_program_to_a_formed_cluster_and_cancel(lab:
         assert st["phase"] == "LOADING_MODEL" and st["nodes_joined"] == st["nodes_expected"] == LAB_NODES, st
     finally:
         st = job.cancel(timeout=180)
-    assert st.phase == "ENDED" and "cancelled" in (st.reason or ""), st
+    assert st.phase == "ENDED" and "cancelled" in (st.reason or ""), (st.phase, st.reason, st.slurm_state)
     assert_no_processes(job.job_id)
 
 

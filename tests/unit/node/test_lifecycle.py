@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 
 from slurm_vllm.node import lifecycle
@@ -67,6 +68,20 @@ def test_signal_reasons_and_stopper():
     f = Stopper()
     f.fail("node x left")
     assert f.failed and f.reason == "node x left"
+
+
+def test_a_child_dying_of_the_cancel_is_a_stop_not_a_failure():
+    """scancel signals the whole step at once: a child (the Ray head) may die of it before this
+    process runs its handler. The signal that arrives within the grace decides the reason."""
+    s = Stopper()
+    threading.Timer(0.1, s.stop, args=("cancelled",)).start()
+    assert s.fail_unless_signalled("the Ray head process exited (code -15)", grace=5.0) is False
+    assert s.reason == "cancelled" and not s.failed
+    alone = Stopper()
+    t0 = time.monotonic()
+    assert alone.fail_unless_signalled("the Ray head process exited (code 1)", grace=0.2) is True
+    assert alone.failed and alone.reason == "the Ray head process exited (code 1)"
+    assert time.monotonic() - t0 >= 0.2
 
 
 def test_slurm_kill_wait_is_read_from_scontrol_inside_a_job(monkeypatch):

@@ -44,7 +44,7 @@ def make_ctx(tmp_path: Path, rank: int = 1, mode: str = "serve", **spec_kw: obje
 @pytest.fixture(autouse=True)
 def fast(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(serve, "POLL_INTERVAL", 0.2)
-    monkeypatch.setattr(serve, "STOP_RACE_GRACE", 0.2)
+    monkeypatch.setattr(lifecycle, "SIGNAL_RACE_GRACE", 0.2)
     monkeypatch.setattr(replica, "BACKOFF_FIRST", 0.1)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
 
