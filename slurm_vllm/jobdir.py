@@ -778,6 +778,10 @@ def write_state(jobdir: JobDir, run: Run, phase: Phase | str, marks: Iterable[Ma
         raise ValueError(f"the job does not write phase {phase}")
     with _STATE_LOCK:
         old = jobdir.read_state(run)
+        if old is not None and old.phase.final and not phase.final:
+            # A run's end is its end: a late write from another thread (a progress line after a
+            # failure was decided) adds its marks but does not bring the run back.
+            phase, fields = old.phase, {}
         now = time.time()
         data: dict[str, Any] = old.model_dump() if old else {"started_at": now}
         times = dict(data.get("phase_times") or {})
@@ -797,14 +801,22 @@ def write_state(jobdir: JobDir, run: Run, phase: Phase | str, marks: Iterable[Ma
         return record
 
 
-def add_marks(jobdir: JobDir, run: Run, *marks: Mark) -> StateRecord | None:
-    """Add ``marks`` to this run's timeline, keeping its phase; None when the run has no state yet.
+def update_state(jobdir: JobDir, run: Run, marks: Iterable[Mark] = (), otherwise: Phase | None = None,
+                 **fields: Any) -> StateRecord | None:
+    """Merge ``fields`` and ``marks`` into this run's state, keeping its phase; with no state yet,
+    write one in phase ``otherwise`` (None: write nothing and return None).
 
-    The phase is read and written back under the lock, so a mark never undoes a phase another
-    thread wrote in between.
+    The phase is read and written back under the lock, so a helper thread (the Slurm times, the
+    pre-flight beside Ray's formation) never undoes a phase the main flow wrote in between.
     """
     with _STATE_LOCK:
         old = jobdir.read_state(run)
-        if old is None:
+        phase = old.phase if old is not None else otherwise
+        if phase is None:
             return None
-        return write_state(jobdir, run, old.phase, marks=marks)
+        return write_state(jobdir, run, phase, marks=marks, **fields)
+
+
+def add_marks(jobdir: JobDir, run: Run, *marks: Mark) -> StateRecord | None:
+    """Add ``marks`` to this run's timeline, keeping its phase; None when the run has no state yet."""
+    return update_state(jobdir, run, marks=marks)

@@ -47,7 +47,7 @@ VLLM_STARTED = "vllm_started"
 ENGINE_READY = "engine_ready"
 FIRST_COMPLETION = "first_completion"
 
-#: The order of the moments of a run (ties in time keep it; clocks of nodes differ a little).
+#: The usual order of the moments of a run (it breaks ties in time).
 ORDER = (SUBMITTED, STARTED, ALLOCATED, PREFLIGHT, STAGING, STAGED, RAY_HEAD, JOINED, VLLM_STARTED, ENGINE_READY,
          FIRST_COMPLETION,
          Phase.READY.value, Phase.DEGRADED.value, Phase.ENDED.value, Phase.FAILED.value)
@@ -92,9 +92,15 @@ class Moment:
         return {**asdict(self), "label": self.label}
 
 
-def _rank(m: Moment) -> tuple[int, float]:
+#: Moments on the Slurm controller's clock; every other one is on the head node's.
+SLURM_CLOCK = (SUBMITTED, STARTED)
+
+
+def _rank(m: Moment) -> tuple[int, float, int]:
+    """Slurm's moments first (another machine's clock may run a little ahead), then the head's
+    in time order (the pre-flight's verdict may come while Ray forms); ORDER breaks ties."""
     index = ORDER.index(m.name) if m.name in ORDER else len(ORDER)
-    return index, m.at
+    return (0, 0.0, index) if m.name in SLURM_CLOCK else (1, m.at, index)
 
 
 def build(state: StateRecord | None, slurm_times: Mapping[str, float | None] | None = None) -> list[Moment]:

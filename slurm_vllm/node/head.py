@@ -73,6 +73,8 @@ class Head:
         if alive is None:
             return 0
         took = time.monotonic() - t0
+        if not self.p.verdict.wait():  # the pre-flight, decided beside the formation, gates vLLM
+            return 0
         self.p.log(f"ray cluster ready: {n}/{n} nodes in {took:.1f}s: "
                    + ", ".join(f"{a.name}={a.ip}" for a in alive))
         self.p.write_state(Phase.LOADING_MODEL, nodes_joined=n, nodes_expected=n, missing_hosts=[],

@@ -15,15 +15,17 @@ failed pre-flight. ``ray.preflight``: ``full`` (default), ``quick`` (no all-redu
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from slurm_vllm import timeline
 from slurm_vllm.errors import NodeError
 from slurm_vllm.jobdir import Mark, Phase, PreflightCheck, PreflightRecord, tail_lines
 from slurm_vllm.node import checks, ray_cluster
 from slurm_vllm.node.allreduce import IMPORT_TIMEOUT, TIMEOUT, AllReduce, Outcome, torch_importable
+from slurm_vllm.node.lifecycle import Stopper
 from slurm_vllm.node.ports import PortPlan
 from slurm_vllm.node.topology import IfAddr, Topology, ipv4_interfaces, route_source_ip
 from slurm_vllm.spec import ServeSpec
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 POLL = 0.1  # seconds between reads of the shared filesystem while waiting for a record
 PROGRESS_AFTER = 2.0  # the head says whom it waits for once the wait is this long
 SHOWN_FAILS = 4  # failing checks a diagnosis names (the rest are in state.json)
+BESIDE_RAY_SLACK = 10.0  # seconds the pre-flight's waits outlast Ray's deadlines beside it
 
 
 NO_TORCH = "skipped: torch is not importable by the node program's Python"
@@ -113,38 +116,74 @@ def allreduce_check(host: str, outcome: Outcome) -> PreflightCheck:
 
 
 class Preflight:
-    """One node's pre-flight, on the node program ``p`` (its job directory, stopper, processes)."""
+    """One node's pre-flight, on the node program ``p`` (its job directory, stopper, processes).
+
+    :meth:`check` (this node's checks and record, milliseconds) then :meth:`decide` (the exchange,
+    the all-reduce, the verdict). With ``beside_ray`` the decision runs while Ray forms (see
+    :func:`begin`): its state writes then keep the phase the head's main flow sets.
+    """
 
     def __init__(self, program: NodeProgram, spec: ServeSpec, topo: Topology, ports: PortPlan,
-                 checker: Checker | None = None) -> None:
+                 checker: Checker | None = None, beside_ray: bool = False) -> None:
         self.p, self.spec, self.topo, self.ports = program, spec, topo, ports
         self.checker = checker or local_checks
+        self.beside_ray = beside_ray
         self.run_id = program.current_run()
         self.t0 = time.monotonic()
         self.hosts = list(topo.hosts[: topo.num_nodes])
+        self.allreduce: AllReduce | None = None
+        self.own: PreflightRecord | None = None
+        #: Beside Ray, Ray's own deadlines name a node (or head) that never came, with what it
+        #: last logged; the pre-flight's waits end a little later, so there is one diagnosis.
+        self.slack = BESIDE_RAY_SLACK if beside_ray else 0.0
 
     def run(self) -> bool:
         """Check, exchange, decide; False when the node was stopped meanwhile. Raises NodeError
         with the diagnosis when the pre-flight failed."""
+        try:
+            self.check()
+            return self.decide()
+        finally:
+            self.close()
+
+    def check(self) -> bool:
+        """This node's own checks, logged and written to its record; True when none failed."""
         topo, p = self.topo, self.p
-        allreduce = None
         if wants_allreduce(self.spec, topo.num_nodes) and torch_importable():
             # Started first: torch's import (seconds) overlaps the exchange of records.
             env = ray_cluster.ray_env(p.env, node_ip=topo.node_ip, interface=topo.interface, token_path=None)
-            allreduce = AllReduce.spawn(rank=topo.rank, world=topo.num_nodes, gpus=self._gpus_hint(), env=env,
-                                        owned=p.owned)
+            self.allreduce = AllReduce.spawn(rank=topo.rank, world=topo.num_nodes, gpus=self._gpus_hint(), env=env,
+                                             owned=p.owned)
+        found, fingerprint, _ = self.checker(self.spec, topo, self.ports, p.env, str(p.temp_dir))
+        if wants_allreduce(self.spec, topo.num_nodes) and self.allreduce is None:
+            found.append(PreflightCheck(node=topo.hostname, check="allreduce", status="warn", detail=NO_TORCH))
+        for c in found:
+            if c.status != "ok":
+                p.log(f"preflight {c.status}: {c.check}: {c.detail}")
+        self.own = self._record(found, fingerprint,
+                                self.ports.preflight if self.allreduce and topo.is_head else None)
+        return not failures(found)
+
+    def decide(self) -> bool:
+        """The exchange and the verdict (after :meth:`check`); the all-reduce's child ends here."""
+        assert self.own is not None, "check() first"
         try:
-            found, fingerprint, _ = self.checker(self.spec, topo, self.ports, p.env, str(p.temp_dir))
-            if wants_allreduce(self.spec, topo.num_nodes) and allreduce is None:
-                found.append(PreflightCheck(node=topo.hostname, check="allreduce", status="warn", detail=NO_TORCH))
-            for c in found:
-                if c.status != "ok":
-                    p.log(f"preflight {c.status}: {c.check}: {c.detail}")
-            own = self._record(found, fingerprint, self.ports.preflight if allreduce and topo.is_head else None)
-            return self._head(own, allreduce) if topo.is_head else self._worker(own, allreduce)
+            return self._head(self.own, self.allreduce) if self.topo.is_head else self._worker(self.own, self.allreduce)
         finally:
-            if allreduce is not None:
-                allreduce.close()
+            self.close()
+
+    def close(self) -> None:
+        if self.allreduce is not None:
+            self.allreduce.close()
+            self.allreduce = None
+
+    def _state(self, phase: Phase, **fields: Any) -> None:
+        """A state write of the pre-flight: beside Ray's formation it keeps the phase the head's
+        main flow wrote (a failure is still a failure)."""
+        if self.beside_ray and not phase.final:
+            self.p.update_state(otherwise=phase, **fields)
+        else:
+            self.p.write_state(phase, **fields)
 
     def _gpus_hint(self) -> int:
         return checks.visible_gpus(self.p.env)[0] if self.spec.resources.gpus_per_node > 0 else 0
@@ -187,19 +226,21 @@ class Preflight:
         marks = [Mark(name=timeline.ALLOCATED, at=p.started_at)]
         if failures(found):
             reason = diagnosis(found)
-            p.write_state(Phase.FAILED, reason=reason, preflight=found, reported_by=topo.hostname,
+            self._state(Phase.FAILED, reason=reason, preflight=found, reported_by=topo.hostname,
                           head_host=topo.hostname,
                           missing_hosts=[c.node for c in found if c.check == "record" and c.status == "fail"],
                           marks=[*marks, Mark(name=timeline.PREFLIGHT, at=time.time(), ok=False,
                                                   detail=reason.removeprefix("preflight: "))])
             self._rewrite(own, verdict="failed", reason=reason)
             raise NodeError(reason)
-        ray = uses_ray(self.spec)
-        p.write_state(Phase.STARTING_RAY if ray else Phase.LOADING_MODEL, preflight=found,
-                      reason=None, head_host=topo.hostname, nodes_expected=topo.num_nodes,
-                      nodes_joined=0 if ray else topo.num_nodes,
-                      marks=[*marks, Mark(name=timeline.PREFLIGHT, at=time.time(),
-                                          detail=f"{topo.num_nodes} node(s), {took:.1f}s")])
+        done = [*marks, Mark(name=timeline.PREFLIGHT, at=time.time(), detail=f"{topo.num_nodes} node(s), {took:.1f}s")]
+        if self.beside_ray:  # Ray's formation owns the phase and the node counts
+            self._state(Phase.STARTING_RAY, preflight=found, reason=None, marks=done)
+        else:
+            ray = uses_ray(self.spec)
+            self._state(Phase.STARTING_RAY if ray else Phase.LOADING_MODEL, preflight=found, reason=None,
+                        head_host=topo.hostname, nodes_expected=topo.num_nodes,
+                        nodes_joined=0 if ray else topo.num_nodes, marks=done)
         self._rewrite(own, verdict="passed")
         warned = [c for c in found if c.status == "warn"]
         p.log(f"preflight passed on {topo.num_nodes} node(s) in {took:.2f} s"
@@ -209,7 +250,7 @@ class Preflight:
     def _collect(self, own: PreflightRecord) -> dict[int, PreflightRecord] | None:
         """Every node's record of this run, or what arrived by ``ray.cluster_timeout``; None if stopped."""
         p, n = self.p, self.topo.num_nodes
-        deadline = self.t0 + self.spec.ray.cluster_timeout
+        deadline = self.t0 + self.spec.ray.cluster_timeout + self.slack
         records = {0: own}
         said: list[str] | None = None
         while len(records) < n:
@@ -224,9 +265,13 @@ class Preflight:
             if time.monotonic() - self.t0 >= PROGRESS_AFTER and missing != said:
                 said = missing
                 p.log(f"preflight: waiting for {', '.join(missing)}")
-                p.write_state(Phase.STARTING_RAY, nodes_joined=0, nodes_expected=n, missing_hosts=missing,
-                              head_host=self.topo.hostname, reason=f"pre-flight: waiting for {', '.join(missing)}",
-                              marks=[Mark(name=timeline.ALLOCATED, at=p.started_at)])
+                waiting = f"pre-flight: waiting for {', '.join(missing)}"
+                if self.beside_ray:  # Ray's formation names the missing hosts itself
+                    self._state(Phase.STARTING_RAY, reason=waiting)
+                else:
+                    self._state(Phase.STARTING_RAY, nodes_joined=0, nodes_expected=n, missing_hosts=missing,
+                                head_host=self.topo.hostname, reason=waiting,
+                                marks=[Mark(name=timeline.ALLOCATED, at=p.started_at)])
             if p.stopper.wait(POLL):
                 return None
         return records
@@ -251,7 +296,8 @@ class Preflight:
 
     def _worker(self, own: PreflightRecord, allreduce: AllReduce | None) -> bool:
         p, topo = self.p, self.topo
-        head = self._wait_head(lambda r: True, self.t0 + self.spec.ray.join_timeout, "wrote no pre-flight record")
+        head = self._wait_head(lambda r: True, self.t0 + self.spec.ray.join_timeout + self.slack,
+                               "wrote no pre-flight record")
         if head is None:
             return False
         if allreduce is not None and head.rendezvous_port and not failures(own.checks):
@@ -298,8 +344,63 @@ class Preflight:
 
 
 def run(program: NodeProgram, spec: ServeSpec, topo: Topology, ports: PortPlan) -> bool:
-    """The node program's one call: True to go on, False when stopped meanwhile; raises
-    NodeError with the diagnosis when a check failed (``ray.preflight: off`` skips it all)."""
+    """The whole pre-flight, before anything else starts (the ``mp`` backend, replicas): True to
+    go on, False when stopped meanwhile; raises NodeError with the diagnosis when a check failed
+    (``ray.preflight: off`` skips it all)."""
     if spec.ray.preflight == "off":
         return True
     return Preflight(program, spec, topo, ports).run()
+
+
+class Verdict:
+    """The pre-flight's decision, reached beside Ray's formation (:func:`begin`)."""
+
+    def __init__(self, stopper: Stopper | None = None, ok: bool = True) -> None:
+        self._stopper = stopper
+        self._thread: threading.Thread | None = None
+        self._ok = ok
+        self._error: NodeError | None = None
+
+    def _decide(self, pre: Preflight) -> None:
+        try:
+            self._ok = pre.decide()
+        except NodeError as e:
+            self._error = e
+        except Exception as e:  # noqa: BLE001 - the reason must end the job, not a thread's traceback
+            self._error = NodeError(f"preflight: {type(e).__name__}: {e}")
+        if self._error is not None and self._stopper is not None:
+            self._stopper.fail(str(self._error))  # Ray's formation stops at once
+
+    def wait(self) -> bool:
+        """True to go on, False when the node was stopped; raises NodeError with the diagnosis."""
+        while self._thread is not None and self._thread.is_alive():
+            self._thread.join(0.2)
+        if self._error is not None:
+            raise self._error
+        return self._ok and not (self._stopper is not None and self._stopper.stopped)
+
+
+#: The verdict where nothing is pending (``ray.preflight: off``, or decided before Ray).
+PASSED = Verdict()
+
+
+def begin(program: NodeProgram, spec: ServeSpec, topo: Topology, ports: PortPlan,
+          checker: Checker | None = None) -> Verdict:
+    """The pre-flight on the Ray path: this node's own checks now (before ``ray start`` binds
+    the ports they test), then the exchange and the all-reduce in a thread while Ray forms; the
+    head waits for the :class:`Verdict` before vLLM starts, and a failure stops the formation.
+    A node whose own checks failed decides at once: no Ray on a node that cannot serve."""
+    if spec.ray.preflight == "off":
+        return PASSED
+    pre = Preflight(program, spec, topo, ports, checker=checker, beside_ray=True)
+    try:
+        passed = pre.check()
+    except BaseException:
+        pre.close()
+        raise
+    if not passed:
+        return Verdict(program.stopper, ok=pre.decide())  # raises the diagnosis (or stopped: False)
+    verdict = Verdict(program.stopper)
+    verdict._thread = threading.Thread(target=verdict._decide, args=(pre,), name="preflight", daemon=True)
+    verdict._thread.start()
+    return verdict

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from slurm_vllm.errors import NodeError, SlurmVllmError
-from slurm_vllm.jobdir import HeadRecord, JobDir, Mark, Phase, Run, parse_restart, tail_lines, write_state
+from slurm_vllm.jobdir import HeadRecord, JobDir, Mark, Phase, Run, parse_restart, tail_lines, update_state, write_state
 from slurm_vllm.node import lifecycle, preflight, ray_cluster, staging, topology, warm
 from slurm_vllm.node.context import ENV_NO_SERVE, NodeContext, hold
 from slurm_vllm.node.head import Head
@@ -59,12 +59,18 @@ class NodeProgram:
         self._wrote_head = False
         self.staged: staging.Staged | None = None  # this node's copy of the weights (stage_weights)
         self.started_at = time.time()  # the timeline's "allocated" on the head
+        self.verdict: preflight.Verdict = preflight.PASSED  # the pre-flight's, reached beside Ray
 
     # ------------------------------------------------------------ shared by every role
 
     def write_state(self, phase: Phase, **fields: Any) -> None:
         if self.topo is not None and self.topo.is_head and self.run_id is not None:
             write_state(self.jobdir, self.run_id, phase, **fields)
+
+    def update_state(self, otherwise: Phase | None = None, **fields: Any) -> None:
+        """Merge ``fields`` into state.json keeping its phase (jobdir.update_state); head only."""
+        if self.topo is not None and self.topo.is_head and self.run_id is not None:
+            update_state(self.jobdir, self.run_id, otherwise=otherwise, **fields)
 
     def current_run(self) -> Run:
         assert self.run_id is not None
@@ -150,10 +156,12 @@ class NodeProgram:
                 failed, reason = rc != 0, (f"serving step exited with code {rc}" if rc else "serving ended")
         except NodeError as e:
             failed, reason = True, str(e)
+            self.stopper.fail(reason)  # helper threads (the pre-flight beside Ray) stop too
             if self.topo is not None and any(p.poll() not in (None, 0) for p in self.owned):
                 tail = tail_lines(self.ray_log_path())  # Ray itself failed: show why
         except Exception as e:  # noqa: BLE001 - the reason must reach state.json
             failed, reason = True, f"{type(e).__name__}: {e}"
+            self.stopper.fail(reason)
         finally:
             self.stopper.failed = self.stopper.failed or failed
             self._teardown()
@@ -187,7 +195,13 @@ class NodeProgram:
         self.ports = ports = self._plan_ports(topo)
         self.temp_dir = ray_cluster.make_temp_dir(topo.job_id, topo.rank)
         self._sweep_stale_temp_dirs(topo)
-        if not preflight.run(self, spec, topo, ports):  # every node's checks, before Ray or vLLM
+        if preflight.uses_ray(spec):
+            # Every node's own checks now; their exchange and the all-reduce run while Ray
+            # forms, and the head waits for the verdict before vLLM starts (Head.run).
+            self.verdict = preflight.begin(self, spec, topo, ports)
+        elif not preflight.run(self, spec, topo, ports):  # every node's checks, before vLLM
+            return 0
+        if self.stopper.stopped:
             return 0
         self.staged = staging.stage_node(spec, topo, self.jobdir, run, self.env, self.log, self.stopper.event)
         if self.stopper.stopped:

@@ -164,9 +164,11 @@ def test_the_timeline_has_every_phase_in_order_with_plausible_durations(ray_job:
     state = StateRecord.model_validate(json.loads(ray_job["jd"].state.read_text()))
     moments = timeline.build(state)
     names = list(dict.fromkeys(m.name for m in moments))  # in order, each once (joined 1/2, 2/2 ...)
-    needed = [timeline.STARTED, timeline.ALLOCATED, timeline.PREFLIGHT, timeline.RAY_HEAD, timeline.JOINED,
+    needed = [timeline.STARTED, timeline.ALLOCATED, timeline.RAY_HEAD, timeline.JOINED,
               timeline.VLLM_STARTED, timeline.ENGINE_READY, timeline.FIRST_COMPLETION, "READY"]
     assert [n for n in names if n in needed] == [n for n in needed if n in names] and set(needed) <= set(names), names
+    # The pre-flight's verdict is reached while Ray forms, and always before vLLM starts.
+    assert names.index(timeline.ALLOCATED) < names.index(timeline.PREFLIGHT) < names.index(timeline.VLLM_STARTED)
     assert [m.at for m in moments] == sorted(m.at for m in moments), "the moments are not in time order"
     assert [m.detail for m in moments if m.name == timeline.JOINED][-1] == "2/2"
     spans = timeline.durations(moments)

@@ -127,6 +127,14 @@ def test_order_is_the_runs_even_when_clocks_disagree() -> None:
     assert timeline.durations(moments)["setup"] == 0.0  # a skew never shows as a negative stretch
 
 
+def test_the_head_s_moments_are_in_time_order_where_they_overlap() -> None:
+    """The pre-flight's verdict is reached while Ray forms: it shows where it happened."""
+    state = StateRecord(job_id="1", phase=Phase.READY, timeline=[
+        Mark(name=ALLOCATED, at=T0), Mark(name=RAY_HEAD, at=T0 + 3),
+        Mark(name=timeline.PREFLIGHT, at=T0 + 4), Mark(name=JOINED, at=T0 + 5, detail="2/2")])
+    assert [m.name for m in timeline.build(state)] == [ALLOCATED, RAY_HEAD, timeline.PREFLIGHT, JOINED]
+
+
 def test_durations_of_a_whole_run(jd: JobDir) -> None:
     spans = timeline.durations(timeline.build(a_run(jd)))
     assert spans == {"queued": 20.0, "setup": 10.0, "ray": 6.0, "loading": 95.0, "first_completion": 0.5,

@@ -12,7 +12,7 @@ import pytest
 
 from slurm_vllm import timeline
 from slurm_vllm.errors import NodeError
-from slurm_vllm.jobdir import JobDir, Phase, PreflightCheck, PreflightRecord, Run, write_state
+from slurm_vllm.jobdir import JobDir, Phase, PreflightCheck, PreflightRecord, Run, update_state, write_state
 from slurm_vllm.node import preflight
 from slurm_vllm.node.lifecycle import Stopper
 from slurm_vllm.node.ports import plan_ports, port_is_free
@@ -94,6 +94,10 @@ class FakeProgram:
     def write_state(self, phase: Phase, **fields: Any) -> None:
         if self.rank == 0:
             write_state(self.jobdir, RUN, phase, **fields)
+
+    def update_state(self, otherwise: Phase | None = None, **fields: Any) -> None:
+        if self.rank == 0:
+            update_state(self.jobdir, RUN, otherwise=otherwise, **fields)
 
 
 def topo(rank: int, n: int) -> Topology:
@@ -298,3 +302,76 @@ def test_a_node_that_fails_before_it_knows_its_place_still_names_the_reason(tmp_
     assert program.NodeProgram(jd.path, env=env, hostname="localhost").run() == 1
     state = jd.read_state(Run("92"))
     assert state is not None and state.phase is Phase.FAILED and "network.interface='ib9'" in state.reason
+
+
+# ---------------------------------------------------------------- beside Ray's formation
+
+
+def begin_nodes(tmp_path: Path, n: int, spec: ServeSpec, checker: Any, start_delay: dict[int, float] | None = None,
+                while_forming: Any = None) -> tuple[JobDir, dict[int, Any], list[FakeProgram], dict[int, float]]:
+    """Each node calls begin() (as the node program does before Ray), runs ``while_forming``
+    (standing in for Ray's formation), then waits for the verdict (as the head does before vLLM)."""
+    jd = JobDir(tmp_path)
+    results: dict[int, Any] = {}
+    returned_after: dict[int, float] = {}
+    programs = [FakeProgram(jd, r) for r in range(n)]
+
+    def node(rank: int) -> None:
+        time.sleep((start_delay or {}).get(rank, 0.0))
+        p, t0 = programs[rank], time.monotonic()
+        try:
+            ports = plan_ports("77", rank, is_free=port_is_free)
+            verdict = preflight.begin(p, spec, topo(rank, n), ports, checker=checker)  # type: ignore[arg-type]
+            returned_after[rank] = time.monotonic() - t0
+            if while_forming is not None:
+                while_forming(rank, jd)
+            results[rank] = verdict.wait()
+        except NodeError as e:
+            results[rank] = e
+    threads = [threading.Thread(target=node, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return jd, results, programs, returned_after
+
+
+def test_beside_ray_a_node_goes_on_at_once_and_the_verdict_keeps_ray_s_phase(tmp_path: Path):
+    """The head does not wait for a late worker's record before starting Ray; the verdict,
+    reached later, adds the checks to state.json without undoing Ray's progress."""
+    def forming(rank: int, jd: JobDir) -> None:
+        if rank == 0:
+            write_state(jd, RUN, Phase.STARTING_RAY, nodes_joined=1, nodes_expected=2, missing_hosts=["n2"])
+
+    jd, results, _, returned = begin_nodes(tmp_path, 2, quick(2), faked(), start_delay={1: 0.6}, while_forming=forming)
+    assert results == {0: True, 1: True}
+    assert returned[0] < 0.3  # not the 0.6 s the worker took to write its record
+    state = jd.read_state(RUN)
+    assert state is not None and state.phase is Phase.STARTING_RAY and state.nodes_joined == 1
+    assert len(state.preflight) == 4 and [m.name for m in state.timeline] == [timeline.ALLOCATED, timeline.PREFLIGHT]
+
+
+def test_beside_ray_a_worker_s_failed_check_stops_the_formation_with_the_diagnosis(tmp_path: Path):
+    diag = "preflight: n2: GPUs visible 1, asked 2"
+    jd, results, programs, _ = begin_nodes(tmp_path, 2, quick(2), faked(fail={1: "GPUs visible 1, asked 2"}))
+    assert isinstance(results[0], NodeError) and str(results[0]) == diag
+    assert isinstance(results[1], NodeError) and str(results[1]) == diag  # the failing node decided at once
+    assert programs[0].stopper.failed and programs[0].stopper.reason == diag  # Ray's wait ends now
+    state = jd.read_state(RUN)
+    assert state is not None and state.phase is Phase.FAILED and state.reason == diag
+
+
+def test_beside_ray_a_late_progress_line_does_not_undo_the_failure(tmp_path: Path):
+    def forming(rank: int, jd: JobDir) -> None:
+        if rank == 0:
+            programs_stopped = time.monotonic() + 5
+            while jd.read_state(RUN) is None or not jd.read_state(RUN).phase.final:  # type: ignore[union-attr]
+                if time.monotonic() > programs_stopped:
+                    return
+                time.sleep(0.02)
+            write_state(jd, RUN, Phase.STARTING_RAY, nodes_joined=1, nodes_expected=2)  # Ray's, too late
+
+    jd, results, _, _ = begin_nodes(tmp_path, 2, quick(2), faked(fp={1: "bb" * 32}), while_forming=forming)
+    assert isinstance(results[0], NodeError)
+    state = jd.read_state(RUN)
+    assert state is not None and state.phase is Phase.FAILED and "differs from the head's" in state.reason
