@@ -221,22 +221,44 @@ def _serve_and_answer(lab: Lab, job_dir: Path, **flags: Any) -> tuple[str, dict[
         assert_no_processes(job_id)
 
 
-def test_mp_backend_two_nodes_answers_like_a_single_node(lab: Lab, tmp_path: Path) -> None:
-    # The single-node server reads its weights from the node's own /dev/shm (stage_weights: shm).
-    single, _ = _serve_and_answer(lab, tmp_path / "single", nodes=1, backend="mp", stage_weights="shm")
-    node_log = (tmp_path / "single" / "logs" / "node-0.log").read_text()
-    vllm_log = (tmp_path / "single" / "logs" / "vllm.log").read_text()
-    staged = re.search(r"staged \S+ \S+ in [\d.]+ s \(\d+ MB/s\) at (/dev/shm/\S+)", node_log)
-    assert staged, node_log[-2000:]
-    assert f"serve {staged.group(1)} " in vllm_log  # vLLM loaded the node's copy ...
-    assert f"removed the staged weights {staged.group(1)}" in node_log  # ... which is gone after the job
+def test_two_one_node_replicas_and_the_mp_backend_answer_alike(lab: Lab, tmp_path: Path) -> None:
+    """``--replicas 2`` over 2 nodes: two one-node vLLM servers (no Ray) behind the router and
+    its front, READY 2/2, requests reaching both, each reading its weights from its own node's
+    /dev/shm (stage_weights: shm), removed after. Then the 2-node mp backend (PP=2): at
+    temperature 0 all give the same answer (and Ray's PP=2, when the module ran it)."""
+    import slurm_vllm
+
+    rdir = tmp_path / "replicas"
+    jd, job_id = submit(lab_spec(lab, rdir, replicas=2, router_policy="round_robin", stage_weights="shm"))
+    try:
+        job = slurm_vllm.attach(job_id)
+        job.wait_ready(timeout=READY_TIMEOUT)
+        st = job.status()
+        assert st.summary().startswith("READY 2/2 replicas http://"), st.summary()
+        endpoint = json.loads(jd.endpoint.read_text())
+        assert endpoint["base_url"] == st.url and st.url not in {r["url"] for r in st.replicas}  # the front's
+        before = {r.index: r.requests_finished or 0 for r in job.metrics(interval=0).replicas}
+        answers = {chat(endpoint, jd.read_secret(jd.api_key)).choices[0].message.content for _ in range(4)}
+        grown = {r.index: (r.requests_finished or 0) - before[r.index] for r in job.metrics(interval=0).replicas}
+        assert sorted(grown) == [0, 1] and all(n > 0 for n in grown.values()), f"requests per replica: {grown}"
+        assert len(answers) == 1, f"temperature 0, two replicas of one model: {answers}"
+        single = answers.pop()
+    finally:
+        end_job(job_id)
+        assert_no_processes(job_id)
+    for rank in (0, 1):
+        node_log = jd.node_log(rank).read_text()
+        staged = re.search(r"staged \S+ \S+ in [\d.]+ s \(\d+ MB/s\) at (/dev/shm/\S+)", node_log)
+        assert staged, node_log[-2000:]
+        assert f"serve {staged.group(1)} " in jd.vllm_log(rank=rank).read_text()  # vLLM loaded the node's copy ...
+        assert f"removed the staged weights {staged.group(1)}" in node_log  # ... which is gone after the job
     two, state = _serve_and_answer(lab, tmp_path / "mp-pp2", nodes=2, backend="mp",
                                    pipeline_parallel_size=2, tensor_parallel_size=1)
     assert state["phase"] == "READY"
-    assert single, "the single-node answer is empty"
-    assert two == single, "temperature 0: the 2-node mp answer differs from the single-node one"
+    assert single, "the replicas' answer is empty"
+    assert two == single, "temperature 0: the 2-node mp answer differs from the replicas' one-node one"
     if "ray-pp2" in ANSWERS:
-        assert ANSWERS["ray-pp2"] == single, "temperature 0: the Ray PP=2 answer differs from the single-node one"
+        assert ANSWERS["ray-pp2"] == single, "temperature 0: the Ray PP=2 answer differs from the one-node one"
 
 
 def test_lab_shim_is_inert_unless_enabled(lab: Lab) -> None:
