@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("slurm_vllm", "dropin", "seed", "symmetric-run", "floor")
@@ -99,8 +101,13 @@ def prepare_slurm_vllm(out: Path, n: int, partition: str, venv: str) -> Path:
         env={"SLURM_VLLM_NODE_NO_SERVE": "1", "BENCH_OUT": str(out)},
         # Forming the cluster only: the pre-flight's all-reduce (a torch import per node) is its own cost.
         ray={"join_timeout": 120, "cluster_timeout": 120, "preflight": "quick"}))
+    return stamped_script(jd, out)
+
+
+def stamped_script(jd: Any, out: Path) -> Path:
+    """``jd``'s job script with a one-line wrapper that stamps the step start on each node."""
     wrapper = out / "stamp.sh"
-    wrapper.write_text(f"#!/bin/bash\n{STAMP}\nexec \"$@\"\n")
+    wrapper.write_text(f"#!/bin/bash\nBENCH_OUT={shlex.quote(str(out))}\n{STAMP}\nexec \"$@\"\n")
     wrapper.chmod(0o755)
     marker = "python3 -m slurm_vllm node"
     script = out / "bench.sbatch"

@@ -92,7 +92,8 @@ def main() -> int:
             job.cancel()
     for name in ("router", "direct"):
         print(f"{name:>6}: median {result[name]['median_ms']:7.2f} ms   p95 {result[name]['p95_ms']:7.2f} ms")
-    print(f"router/direct: median {result['ratio_median']:.3f}   p95 {result['ratio_p95']:.3f}   (goal: median <= 1.05)")
+    print(f"router/direct: median {result['ratio_median']:.3f}   p95 {result['ratio_p95']:.3f}"
+          "   (goal: median <= 1.05)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
