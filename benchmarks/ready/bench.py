@@ -24,6 +24,7 @@ import argparse
 import functools
 import importlib.util
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -81,6 +82,7 @@ def lab_spec(job_dir: Path, cache_dir: str, **flags: Any) -> Any:
     from tests.lab.test_serving import lab_spec as spec_for
 
     lab = the_lab()
+    os.environ["SLURM_VLLM_LAB_CACHE"] = cache_dir  # what the lab's spec reads; the flag below wins anyway
     return lab, spec_for(lab, job_dir, pipeline_parallel_size=2, tensor_parallel_size=1, cache_dir=cache_dir,
                          exclusive=True, **flags)
 
