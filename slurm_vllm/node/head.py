@@ -15,6 +15,7 @@ from slurm_vllm.errors import NodeError
 from slurm_vllm.jobdir import Mark, Phase, tail_lines
 from slurm_vllm.node import ray_cluster
 from slurm_vllm.node.context import ENV_NO_SERVE, NodeContext, hold
+from slurm_vllm.node.gcs_watch import GcsWatcherProcess
 from slurm_vllm.node.lifecycle import OwnedProcess
 from slurm_vllm.node.moments import ask_slurm_times
 from slurm_vllm.node.ports import PortPlan
@@ -44,6 +45,10 @@ class Head:
         t0 = time.monotonic()
         deadline = t0 + spec.ray.cluster_timeout
         ports = self.p.fresh_ports(topo)
+        address = f"{topo.node_ip}:{ports.gcs}"
+        # Ray's GCS client in a child of its own (its import overlaps the head's start): the
+        # node program never loads Ray's core (node/gcs_watch.py).
+        watcher = GcsWatcherProcess(address, env, owned=self.p.owned)
         head = self.p.start("ray-head", [*launcher_argv(), *self.p.ray_args(topo, ports, None)], env)
         # Publish at once: workers start probing the GCS port while the head comes up.
         self.p.publish_head(topo, ports)
@@ -54,8 +59,6 @@ class Head:
             return 0
         self.p.log(f"ray head up in {time.monotonic() - t0:.1f}s; waiting for {n} nodes")
         timeline.record(self.p.jobdir, self.p.current_run(), timeline.RAY_HEAD, log=self.p.log)
-        address = f"{topo.node_ip}:{ports.gcs}"
-        watcher = ray_cluster.GcsWatcher(address)
 
         def progress(k: int, missing: list[str]) -> None:
             self.p.log(f"nodes {k}/{n}" + (f" (waiting for {', '.join(missing)})" if missing else ""))
@@ -98,7 +101,7 @@ class Head:
             parts.append(f"{host}: " + (repr(lines[:160]) if lines else "no log yet (its node program never started?)"))
         return ("; last log line of " + "; ".join(parts)) if parts else ""
 
-    def _watch_cluster(self, watcher: ray_cluster.GcsWatcher, head: OwnedProcess, n: int,
+    def _watch_cluster(self, watcher: ray_cluster.NodeSource, head: OwnedProcess, n: int,
                        hosts: list[str]) -> None:
         """While serving: fail the job when the Ray head dies or a node leaves the cluster."""
         short = 0

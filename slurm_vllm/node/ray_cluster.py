@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from slurm_vllm.errors import NodeError
 from slurm_vllm.node.lifecycle import OwnedProcess, Stopper
@@ -376,8 +376,16 @@ class ClusterTimeout(NodeError):
                          f"missing: {who}")
 
 
+class NodeSource(Protocol):
+    """What reads the cluster's nodes: :class:`GcsWatcher`, or the head's child (node/gcs_watch.py)."""
+
+    last_error: str | None
+
+    def nodes(self, timeout: float = 2.0) -> list[RayNode] | None: ...
+
+
 def wait_for_nodes(
-    watcher: GcsWatcher,
+    watcher: NodeSource,
     *,
     expected: int,
     hosts: Sequence[str],
