@@ -70,7 +70,8 @@ def serve_replica(ctx: NodeContext) -> None:
     grace = serve.stop_grace(slurm_kill_wait())
     limit = ctx.spec.serve.replica_restarts
     while True:
-        report("starting" if report.restarts == 0 else "restarting")
+        if report.restarts == 0:
+            report("starting")  # a restart stays "restarting", with its reason, until ready
         started = time.monotonic()
         proc = serve.launch(argv, env, log_path)
         try:

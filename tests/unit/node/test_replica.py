@@ -76,10 +76,12 @@ def test_each_node_is_one_replica_and_backoff_doubles_to_a_ceiling(tmp_path: Pat
 def test_a_replica_that_keeps_crashing_is_restarted_then_given_up(tmp_path: Path) -> None:
     ctx = make_ctx(tmp_path, mode="crash-later", replica_restarts=1)
     phases: list[tuple[str, int]] = []
+    reasons: dict[str, str] = {}
     real = replica.Reporter.__call__
 
     def record(self: replica.Reporter, phase: str, reason: str = "", log_tail: str = "") -> None:
         phases.append((phase, self.restarts))
+        reasons[phase] = reason
         real(self, phase, reason, log_tail)  # type: ignore[arg-type]
 
     replica.Reporter.__call__ = record  # type: ignore[method-assign]
@@ -87,8 +89,9 @@ def test_a_replica_that_keeps_crashing_is_restarted_then_given_up(tmp_path: Path
         replica.serve_replica(ctx)
     finally:
         replica.Reporter.__call__ = real  # type: ignore[method-assign]
-    assert phases == [("starting", 0), ("ready", 0), ("restarting", 1), ("restarting", 1), ("ready", 1),
-                      ("failed", 1)]
+    # One "restarting" write, with the reason, kept until the restarted vLLM is ready.
+    assert phases == [("starting", 0), ("ready", 0), ("restarting", 1), ("ready", 1), ("failed", 1)]
+    assert reasons["restarting"].startswith("replica 1 on n2: vllm exited with code 7 while serving")
     rec = ctx.jobdir.read_replica(1, ctx.run)
     assert rec is not None and rec.phase == "failed" and rec.restarts == 1
     assert "replica 1 on n2: vllm exited with code 7 while serving" in rec.reason
