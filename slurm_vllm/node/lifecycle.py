@@ -75,10 +75,15 @@ class Stopper:
             self.reason = reason
             self.event.set()
 
+    def signalled_soon(self, grace: float | None = None) -> bool:
+        """After a child died: whether a stop arrives within ``grace`` seconds
+        (:data:`SIGNAL_RACE_GRACE`), so that the child died of the same signal."""
+        return self.event.wait(SIGNAL_RACE_GRACE if grace is None else grace)
+
     def fail_unless_signalled(self, reason: str, grace: float | None = None) -> bool:
-        """:meth:`fail` for a child that died, unless a stop arrives within ``grace`` seconds
-        (:data:`SIGNAL_RACE_GRACE`): then the signal's reason stands. True if it failed."""
-        if self.event.wait(SIGNAL_RACE_GRACE if grace is None else grace):
+        """:meth:`fail` for a child that died, unless :meth:`signalled_soon`: then the signal's
+        reason stands. True if it failed."""
+        if self.signalled_soon(grace):
             return False
         self.fail(reason)
         return self.failed

@@ -227,10 +227,10 @@ class Preflight:
         if failures(found):
             reason = diagnosis(found)
             self._state(Phase.FAILED, reason=reason, preflight=found, reported_by=topo.hostname,
-                          head_host=topo.hostname,
-                          missing_hosts=[c.node for c in found if c.check == "record" and c.status == "fail"],
-                          marks=[*marks, Mark(name=timeline.PREFLIGHT, at=time.time(), ok=False,
-                                                  detail=reason.removeprefix("preflight: "))])
+                        head_host=topo.hostname,
+                        missing_hosts=[c.node for c in found if c.check == "record" and c.status == "fail"],
+                        marks=[*marks, Mark(name=timeline.PREFLIGHT, at=time.time(), ok=False,
+                                            detail=reason.removeprefix("preflight: "))])
             self._rewrite(own, verdict="failed", reason=reason)
             raise NodeError(reason)
         done = [*marks, Mark(name=timeline.PREFLIGHT, at=time.time(), detail=f"{topo.num_nodes} node(s), {took:.1f}s")]
@@ -371,6 +371,14 @@ class Verdict:
         if self._error is not None and self._stopper is not None:
             self._stopper.fail(str(self._error))  # Ray's formation stops at once
 
+    @classmethod
+    def beside(cls, pre: Preflight, stopper: Stopper) -> Verdict:
+        """``pre``'s decision, reached in a thread of its own (after its own checks passed)."""
+        verdict = cls(stopper)
+        verdict._thread = threading.Thread(target=verdict._decide, args=(pre,), name="preflight", daemon=True)
+        verdict._thread.start()
+        return verdict
+
     def wait(self) -> bool:
         """True to go on, False when the node was stopped; raises NodeError with the diagnosis."""
         while self._thread is not None and self._thread.is_alive():
@@ -400,7 +408,4 @@ def begin(program: NodeProgram, spec: ServeSpec, topo: Topology, ports: PortPlan
         raise
     if not passed:
         return Verdict(program.stopper, ok=pre.decide())  # raises the diagnosis (or stopped: False)
-    verdict = Verdict(program.stopper)
-    verdict._thread = threading.Thread(target=verdict._decide, args=(pre,), name="preflight", daemon=True)
-    verdict._thread.start()
-    return verdict
+    return Verdict.beside(pre, program.stopper)

@@ -16,7 +16,7 @@ import threading
 import time
 
 from slurm_vllm.jobdir import ReplicaPhase, ReplicaRecord
-from slurm_vllm.node import lifecycle, serve
+from slurm_vllm.node import serve
 from slurm_vllm.node.context import NodeContext
 from slurm_vllm.node.lifecycle import TIME_LIMIT, slurm_kill_wait, stop
 from slurm_vllm.vllm_args import SCALE_OUT_FLAG, installed_vllm, vllm_executable
@@ -83,7 +83,7 @@ def serve_replica(ctx: NodeContext) -> None:
                         + (f" (restart {report.restarts})" if report.restarts else ""))
                 outcome = serve.supervise(proc, ctx.stop_event)
                 during = "while serving"
-            if outcome.kind == "exited" and ctx.stop_event.wait(lifecycle.SIGNAL_RACE_GRACE):
+            if outcome.kind == "exited" and ctx.stopper.signalled_soon():
                 outcome = serve.Outcome("stopped")  # scancel reached vLLM a moment first
             if outcome.kind == "stopped":
                 if during == "while serving" and ctx.stop_reason == TIME_LIMIT:

@@ -38,7 +38,6 @@ from pathlib import Path
 from slurm_vllm import direct_http, timeline
 from slurm_vllm.errors import NodeError
 from slurm_vllm.jobdir import EndpointRecord, HeadRecord, JobDir, Phase, Run, plain, tail_lines, write_state
-from slurm_vllm.node import lifecycle
 from slurm_vllm.node.context import NodeContext
 from slurm_vllm.node.lifecycle import TEARDOWN_GRACE, TIME_LIMIT, OwnedProcess, slurm_kill_wait, stop
 from slurm_vllm.node.moments import first_completion
@@ -369,7 +368,7 @@ def serve_and_watch(
             during = "while serving"
         else:
             during = "while loading the model"
-        if outcome.kind == "exited" and ctx.stop_event.wait(lifecycle.SIGNAL_RACE_GRACE):
+        if outcome.kind == "exited" and ctx.stopper.signalled_soon():
             # scancel signals every process of the step at once: vLLM may exit a moment before
             # the node program has registered the stop. That is a stop, not a failure.
             outcome = Outcome("stopped", returncode=outcome.returncode)
@@ -511,7 +510,7 @@ def run_mp_node(ctx: NodeContext) -> int:
 
     try:
         outcome = supervise(proc, ctx.stop_event, ended=head_ended)
-        if outcome.kind == "stopped" or ctx.stop_event.wait(lifecycle.SIGNAL_RACE_GRACE):
+        if outcome.kind == "stopped" or ctx.stopper.signalled_soon():
             stop(proc, grace)
             return 0
         stop(proc, 5.0)
