@@ -4,10 +4,10 @@
 #   make demo    serve a tiny model across 2 lab nodes and ask it something (scripts/demo)
 #
 # PYTEST_ARGS passes options to pytest, e.g. make test PYTEST_ARGS='-k ray -x'.
-# LAB_NODES sets the lab's node count (default 3).
+# LAB_NODES sets the lab's node count (default 4: two replicas of two nodes).
 
 LAB := scripts/slurm-lab
-LAB_NODES ?= 3
+LAB_NODES ?= 4
 PYTEST_ARGS ?=
 
 .PHONY: test demo lab-up lab-down lab-status

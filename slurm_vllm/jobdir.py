@@ -240,9 +240,37 @@ class ReplicaInfo(BaseModel):
 
 
 class ReplicaRecord(ReplicaInfo, Record):
-    """``replica-<i>.json``: one replica's vLLM as its node sees it, written by that node only."""
+    """``replica-<i>.json``: one replica's vLLM as its first node sees it, written by that node only.
+
+    ``master`` (``ip:port``, replicas of several nodes only) is set while a launch of the
+    replica's vLLM is under way and empty between launches: the replica's other nodes start their
+    headless part of attempt ``restarts`` when it appears and stop it when it goes.
+    """
 
     FILE: ClassVar[str] = "replica-{index}.json"
+
+    master: str = ""
+
+
+#: A headless node's part of a replica: ``running`` its vLLM, or ``exited`` by itself.
+HeadlessPhase = Literal["running", "exited"]
+
+
+class HeadlessRecord(Record):
+    """``headless-<rank>.json``: a replica's node other than its first, on its own headless vLLM
+    (written by that node only). An ``exited`` record of the current attempt tells the replica's
+    first node to restart the whole replica: its vLLM would not notice a remote part gone."""
+
+    FILE: ClassVar[str] = "headless-{rank}.json"
+
+    index: int
+    rank: int
+    host: str
+    attempt: int  # the replica's ``restarts`` this vLLM was started for
+    phase: HeadlessPhase = "running"
+    reason: str = ""
+    log_tail: str = ""
+    updated_at: float = 0.0
 
 
 #: A pre-flight check's outcome: ``fail`` ends the job before vLLM starts, ``warn`` is logged and kept.
@@ -492,6 +520,13 @@ class JobDir:
     def read_replica(self, index: int, run: Run | None = None) -> ReplicaRecord | None:
         return _current(ReplicaRecord.read(self.replica(index)), run)
 
+    def headless(self, rank: int) -> Path:
+        """Where node ``rank``, a headless part of a replica, reports its vLLM (HeadlessRecord)."""
+        return self.path / HeadlessRecord.FILE.format(rank=rank)
+
+    def read_headless(self, rank: int, run: Run | None = None) -> HeadlessRecord | None:
+        return _current(HeadlessRecord.read(self.headless(rank)), run)
+
     def preflight(self, rank: int) -> Path:
         """Where node ``rank`` writes its pre-flight checks (PreflightRecord)."""
         return self.path / PreflightRecord.FILE.format(rank=rank)
@@ -585,6 +620,7 @@ class JobDir:
         records: list[tuple[type[Record], Path]] = [
             (StateRecord, self.state), (EndpointRecord, self.endpoint), (HeadRecord, self.head),
             *((ReplicaRecord, p) for p in sorted(self.path.glob(ReplicaRecord.FILE.format(index="*")))),
+            *((HeadlessRecord, p) for p in sorted(self.path.glob(HeadlessRecord.FILE.format(rank="*")))),
             *((PreflightRecord, p) for p in sorted(self.path.glob(PreflightRecord.FILE.format(rank="*"))))]
         for cls, path in records:
             record = cls.read(path)

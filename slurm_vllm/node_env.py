@@ -272,7 +272,7 @@ def inspect(spec: ServeSpec, interpreter: str | None = None, prefix: str | None 
 
     version = version or __version__
     e = spec.environment
-    backend = spec.backend
+    backend = spec.executor
     if e.container:
         return NodeEnv("container")
     if e.python is not None and e.python.startswith("/"):

@@ -43,12 +43,12 @@ NO_TORCH = "skipped: torch is not importable by the node program's Python"
 
 
 def uses_ray(spec: ServeSpec) -> bool:
-    return spec.backend == "ray" and spec.replicas == 1
+    return spec.executor == "ray"
 
 
 def wants_allreduce(spec: ServeSpec, num_nodes: int) -> bool:
     """The all-reduce runs in ``full`` mode when several nodes serve one replica."""
-    return spec.ray.preflight == "full" and spec.replicas == 1 and num_nodes > 1
+    return spec.ray.preflight == "full" and spec.nodes_per_replica > 1 and num_nodes > 1
 
 
 def local_checks(spec: ServeSpec, topo: Topology, ports: PortPlan, env: Mapping[str, str], temp_dir: str, *,

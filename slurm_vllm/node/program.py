@@ -182,9 +182,9 @@ class NodeProgram:
             # Name the node as Slurm does, so missing hosts can be reported by name.
             topo = dataclasses.replace(topo, hostname=topo.hosts[topo.rank])
         self.topo = topo
-        # Only the head acts on the time-limit warning (it drains vLLM, which needs the workers);
-        # with replicas every node drains its own.
-        self.stopper.stop_on_warning = topo.is_head or spec.replicas > 1
+        # Only the node serving an API acts on the time-limit warning (it drains vLLM, which needs
+        # the other nodes): the head, and with replicas each replica's first node.
+        self.stopper.stop_on_warning = topo.is_head or (spec.replicas > 1 and topo.rank % spec.nodes_per_replica == 0)
         self.run_id = run = Run(topo.job_id, parse_restart(self.env.get("SLURM_RESTART_COUNT")))
         self.log(f"node program: {topo.describe()}" + (f", attempt {run.restart}" if run.restart else ""))
         if topo.is_head:
@@ -298,8 +298,8 @@ class NodeProgram:
     # ------------------------------------------------------------ replicas
 
     def _run_replicas(self, spec: ServeSpec, topo: Topology, ports: PortPlan) -> int:
-        """Replicas: every node serves its own copy (node/replica.py); rank 0 also runs the
-        router and its authenticating front and decides the job's phase (node/router.py)."""
+        """Replicas: every node serves its part of its replica (node/replica.py); rank 0 also runs
+        the router and its authenticating front and decides the job's phase (node/router.py)."""
         from slurm_vllm.node import replica  # noqa: PLC0415 - the serving side, imported late
         from slurm_vllm.node.router import RouterSupervisor  # noqa: PLC0415
 

@@ -223,7 +223,8 @@ class RouterSupervisor:
 
     def _publish(self, summary: Summary, records: Sequence[ReplicaRecord | None]) -> None:
         """state.json, rewritten only when something a reader sees changed."""
-        own = {"updated_at", "job_id", "restart"}  # the run is the state's own; the time changes always
+        # The run is the state's own; the time changes always; ``master`` is the replica's nodes' business.
+        own = {"updated_at", "job_id", "restart", "master"}
         listed = [r.model_dump(mode="json", exclude=own) for r in records if r is not None]
         fields: dict[str, Any] = dict(reason=summary.reason, replicas=listed, replicas_ready=summary.ready,
                                          replicas_expected=summary.expected,

@@ -244,11 +244,22 @@ def probe(base: str, api_key: str | None, timeout: float = 5.0) -> str | None:
 
 @dataclass
 class Outcome:
-    """How waiting ended: ``ready`` (with the model id), ``exited``, ``stopped`` or ``timeout``."""
+    """How waiting ended: ``ready`` (with the model id), ``exited``, ``stopped``, ``timeout``, or
+    ``peer``: another node's part of this vLLM ended (``reason`` says which and how)."""
 
     kind: str
     model: str | None = None
     returncode: int | None = None
+    reason: str = ""
+
+
+#: Asked while waiting: why another node's part of this vLLM is gone, or None while it runs.
+PeerCheck = Callable[[], "str | None"]
+
+
+def _peer_lost(peer: PeerCheck | None) -> Outcome | None:
+    reason = peer() if peer is not None else None
+    return Outcome("peer", reason=reason) if reason else None
 
 
 def wait_ready(
@@ -258,8 +269,10 @@ def wait_ready(
     stop_event: threading.Event,
     timeout: float,
     poll: float | None = None,
+    peer: PeerCheck | None = None,
 ) -> Outcome:
-    """Poll the endpoint until it answers, vLLM exits, a stop is asked for, or time runs out."""
+    """Poll the endpoint until it answers, vLLM exits, a stop is asked for, ``peer`` names a lost
+    part of it, or time runs out."""
     poll = POLL_INTERVAL if poll is None else poll
     deadline = time.monotonic() + timeout
     while True:
@@ -268,6 +281,9 @@ def wait_ready(
             return Outcome("exited", returncode=rc)
         if stop_event.is_set():
             return Outcome("stopped")
+        lost = _peer_lost(peer)
+        if lost is not None:
+            return lost
         model = probe(base, api_key, timeout=min(5.0, max(poll, 1.0)))
         if model is not None:
             return Outcome("ready", model=model)
@@ -277,15 +293,19 @@ def wait_ready(
 
 
 def supervise(proc: OwnedProcess, stop_event: threading.Event, poll: float = 1.0,
-              ended: Callable[[], bool] | None = None) -> Outcome:
-    """Wait while vLLM serves: until it exits, the node program is told to stop, or ``ended()``
-    says the job is over (a headless rank watching the head's state)."""
+              ended: Callable[[], bool] | None = None, peer: PeerCheck | None = None) -> Outcome:
+    """Wait while vLLM serves: until it exits, the node program is told to stop, ``ended()``
+    says the job is over (a headless rank watching the head's state), or ``peer`` names a lost
+    part of it (a replica's other nodes)."""
     while True:
         rc = proc.poll()
         if rc is not None:
             return Outcome("exited", returncode=rc)
         if stop_event.wait(poll) or (ended is not None and ended()):
             return Outcome("stopped")
+        lost = _peer_lost(peer)
+        if lost is not None:
+            return lost
 
 
 # --------------------------------------------------------------------------- the head's job

@@ -310,7 +310,7 @@ def stage_node(spec: ServeSpec, topo: Topology, jobdir: JobDir, run: Run, env: M
     if spec.model.stage_weights == "none":
         return None
     # The phase the head's role writes next: the staging marks go in with it.
-    phase = Phase.STARTING_RAY if spec.backend == "ray" and spec.replicas == 1 else Phase.LOADING_MODEL
+    phase = Phase.STARTING_RAY if spec.executor == "ray" else Phase.LOADING_MODEL
     if topo.is_head:
         write_state(jobdir, run, phase, marks=[Mark(name=timeline.STAGING, at=time.time())], head_host=topo.hostname,
                     reason="staging weights")

@@ -235,6 +235,15 @@ class ServeSpec(_Section):
         return max(self.resources.nodes // self.replicas, 1)
 
     @property
+    def executor(self) -> Literal["ray", "mp", "local"]:
+        """How vLLM runs on the nodes: one copy uses ``backend``; with replicas no Ray is formed,
+        a one-node replica runs vLLM on its own (``local``), a replica of several nodes runs vLLM's
+        own multi-node mode over them (``mp``)."""
+        if self.replicas == 1:
+            return self.backend
+        return "mp" if self.nodes_per_replica > 1 else "local"
+
+    @property
     def min_ready_replicas(self) -> int:
         """Replicas that must answer before the job is READY (default all)."""
         wanted = self.serve.min_ready_replicas

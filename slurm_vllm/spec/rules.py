@@ -143,14 +143,17 @@ def check_spec(spec: ServeSpec, check_paths: bool = True) -> list[SpecError]:
                 f"set TP x PP = {gpus} (e.g. tensor_parallel_size={r.gpus_per_node}, "
                 f"pipeline_parallel_size={per}) or set allow_partial: true",
                 problem="does not use the allocation"))
-        if spec.backend == "mp" and tp > r.gpus_per_node:
+        if spec.executor == "mp" and tp > r.gpus_per_node:
+            other = ("replicas of several nodes run vLLM's mp backend, which" if spec.replicas > 1 else
+                     "with backend 'mp' this tool")
             add(SpecError(
                 "tensor_parallel_size", tp,
-                f"with backend 'mp' this tool keeps each tensor-parallel group inside one node: set "
+                f"{other} keeps each tensor-parallel group inside one node: set "
                 f"tensor_parallel_size <= gpus_per_node ({r.gpus_per_node}) and use "
-                f"pipeline_parallel_size across nodes, or use backend 'ray', which places TP workers "
-                f"across nodes", problem="is larger than gpus_per_node"))
-    if spec.backend == "mp" and (tp * pp) % per != 0:
+                f"pipeline_parallel_size across nodes"
+                + ("" if spec.replicas > 1 else ", or use backend 'ray', which places TP workers across nodes"),
+                problem="is larger than gpus_per_node"))
+    if spec.executor == "mp" and (tp * pp) % per != 0:
         add(SpecError(
             "pipeline_parallel_size", pp,
             f"vLLM's mp backend starts TP x PP / nodes workers on every node, so TP x PP = {tp * pp} "
@@ -279,10 +282,6 @@ def _replica_problems(spec: ServeSpec) -> list[SpecError]:
         out.append(SpecError("replicas", k, f"nodes ({r.nodes}) must be a multiple of replicas: each replica gets "
                                             f"nodes / replicas nodes; e.g. nodes={k * max(r.nodes // k, 1)}",
                              problem="does not divide the nodes"))
-    elif k > 1 and r.nodes // k > 1:
-        out.append(SpecError("replicas", k, f"give each replica one node (nodes = replicas = {k}) and use "
-                                            "tensor_parallel_size within it; replicas spanning several nodes "
-                                            "are not supported yet", problem="needs several nodes per replica"))
     if s.min_ready_replicas is not None and not 1 <= s.min_ready_replicas <= k:
         out.append(SpecError("min_ready_replicas", s.min_ready_replicas, f"use 1 to replicas ({k}), or leave it "
                                                                          "unset for all", problem="is out of range"))

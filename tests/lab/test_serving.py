@@ -11,8 +11,10 @@ Run alone with ``pytest -m vllm tests/lab``.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import time
@@ -224,7 +226,8 @@ def _serve_and_answer(lab: Lab, job_dir: Path, **flags: Any) -> tuple[str, dict[
 def test_two_one_node_replicas_and_the_mp_backend_answer_alike(lab: Lab, tmp_path: Path) -> None:
     """``--replicas 2`` over 2 nodes: two one-node vLLM servers (no Ray) behind the router and
     its front, READY 2/2, requests reaching both, each reading its weights from its own node's
-    /dev/shm (stage_weights: shm), removed after. Then the 2-node mp backend (PP=2): at
+    /dev/shm (stage_weights: shm), removed after. Then, on a lab of fewer than 4 nodes, the
+    2-node mp backend (PP=2; with 4, the next test's replicas of two nodes run it): at
     temperature 0 all give the same answer (and Ray's PP=2, when the module ran it)."""
     import slurm_vllm
 
@@ -252,13 +255,70 @@ def test_two_one_node_replicas_and_the_mp_backend_answer_alike(lab: Lab, tmp_pat
         assert staged, node_log[-2000:]
         assert f"serve {staged.group(1)} " in jd.vllm_log(rank=rank).read_text()  # vLLM loaded the node's copy ...
         assert f"removed the staged weights {staged.group(1)}" in node_log  # ... which is gone after the job
+    assert single, "the replicas' answer is empty"
+    ANSWERS["one-node"] = single
+    if "ray-pp2" in ANSWERS:
+        assert ANSWERS["ray-pp2"] == single, "temperature 0: the Ray PP=2 answer differs from the one-node one"
+    if len(lab.nodes) >= 4:
+        return
     two, state = _serve_and_answer(lab, tmp_path / "mp-pp2", nodes=2, backend="mp",
                                    pipeline_parallel_size=2, tensor_parallel_size=1)
     assert state["phase"] == "READY"
-    assert single, "the replicas' answer is empty"
     assert two == single, "temperature 0: the 2-node mp answer differs from the replicas' one-node one"
-    if "ray-pp2" in ANSWERS:
-        assert ANSWERS["ray-pp2"] == single, "temperature 0: the Ray PP=2 answer differs from the one-node one"
+
+
+def test_two_replicas_of_two_nodes_each_serve_and_restart_whole(lab: Lab, tmp_path: Path) -> None:
+    """``--nodes 4 --replicas 2`` with PP=2: each replica is vLLM's mp mode over two nodes (the
+    first serving its API, the second headless). READY 2/2, requests reach both, the answer is
+    the one-node one; the headless part of replica 1 killed: DEGRADED 1/2, the whole replica
+    restarted, READY 2/2 again; the end leaves nothing."""
+    if len(lab.nodes) < 4:
+        pytest.skip(f"the lab has {len(lab.nodes)} nodes; 2 replicas of 2 nodes need 4")
+    import slurm_vllm
+
+    jd, job_id = submit(lab_spec(lab, tmp_path / "replicas-2x2", nodes=4, replicas=2, router_policy="round_robin",
+                                 pipeline_parallel_size=2, tensor_parallel_size=1))
+    try:
+        job = slurm_vllm.attach(job_id)
+        job.wait_ready(timeout=READY_TIMEOUT)
+        st = job.status()
+        assert st.summary().startswith("READY 2/2 replicas http://"), st.summary()
+        assert [len(r["nodes"]) for r in st.replicas] == [2, 2] and st.replicas[1]["nodes"] == list(lab.nodes[2:4])
+        for rank, role in ((1, r"--node-rank 1 .*--headless"), (2, r"--node-rank 0 "), (3, r"--node-rank 1 .*--headless")):
+            started = jd.vllm_log(rank=rank).read_text().splitlines()[0]
+            assert re.search(r"--nnodes 2 " + role, started), f"rank {rank}: {started}"
+        endpoint = json.loads(jd.endpoint.read_text())
+        before = {r.index: r.requests_finished or 0 for r in job.metrics(interval=0).replicas}
+        answers = {chat(endpoint, jd.read_secret(jd.api_key)).choices[0].message.content for _ in range(4)}
+        grown = {r.index: (r.requests_finished or 0) - before[r.index] for r in job.metrics(interval=0).replicas}
+        assert sorted(grown) == [0, 1] and all(n > 0 for n in grown.values()), f"requests per replica: {grown}"
+        assert len(answers) == 1, f"temperature 0, two replicas of one model: {answers}"
+        if "one-node" in ANSWERS:
+            assert answers == {ANSWERS["one-node"]}, "temperature 0: PP=2 over two nodes differs from one node"
+        host = st.replicas[1]["nodes"][1]
+        # That node runs nothing else of vLLM: the part is its ``vllm serve`` (the lowest pid).
+        headless = sorted(p.pid for p in job_processes(job_id) if p.node == host and " serve " in f" {p.cmdline} ")
+        assert headless, f"no headless vllm serve of job {job_id} on {host}"
+        os.kill(headless[0], signal.SIGKILL)
+        seen: list[str] = []
+
+        def back() -> bool:
+            s = job.status()
+            if not seen or seen[-1] != s.summary():
+                seen.append(s.summary())
+            return bool(s.phase.value == "READY" and any(x.startswith("DEGRADED") for x in seen))
+
+        wait_for(back, READY_TIMEOUT, "DEGRADED, then READY again", poll=1.0)
+        assert any(x.startswith("DEGRADED 1/2") for x in seen), seen
+        final = job.status()
+        assert [r["restarts"] for r in final.replicas] == [0, 1], final.replicas
+        assert "replica 1: restart 1/" in jd.node_log(2).read_text()  # by the replica's first node
+        part = jd.read_headless(3)
+        assert part is not None and (part.phase, part.attempt) == ("running", 1), part  # the new launch's
+        assert chat(endpoint, jd.read_secret(jd.api_key)).choices[0].message.content == answers.pop()
+    finally:
+        end_job(job_id)
+        assert_no_processes(job_id)
 
 
 def test_lab_shim_is_inert_unless_enabled(lab: Lab) -> None:

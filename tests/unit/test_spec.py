@@ -645,12 +645,20 @@ def test_replicas_split_the_nodes_and_tp_pp_fill_one_replica() -> None:
     assert (s.replicas, s.nodes_per_replica, s.tensor_parallel_size, s.pipeline_parallel_size) == (3, 1, 2, 1)
     assert s.min_ready_replicas == 3
     assert ServeSpec("org/m", nodes=2, replicas=2, min_ready_replicas=1).min_ready_replicas == 1
+    assert (s.executor, ServeSpec("org/m", nodes=2).executor, ServeSpec("org/m", backend="mp").executor) == \
+        ("local", "ray", "mp")
+
+
+def test_a_replica_of_several_nodes_runs_vllms_mp_backend_over_them() -> None:
+    s = ServeSpec("org/m", nodes=4, replicas=2, gpus_per_node=2)
+    assert (s.nodes_per_replica, s.tensor_parallel_size, s.pipeline_parallel_size, s.executor) == (2, 2, 2, "mp")
 
 
 @pytest.mark.parametrize(("kw", "field", "words"), [
     ({"nodes": 3, "replicas": 2}, "replicas", "must be a multiple of replicas"),
     ({"nodes": 2, "replicas": 0}, "replicas", "use 1"),
-    ({"nodes": 4, "replicas": 2}, "replicas", "one node"),
+    ({"nodes": 4, "replicas": 2, "gpus_per_node": 2, "tensor_parallel_size": 4, "pipeline_parallel_size": 1},
+     "tensor_parallel_size", "replicas of several nodes run vLLM's mp backend"),
     ({"nodes": 2, "replicas": 2, "min_ready_replicas": 3}, "min_ready_replicas", "use 1 to replicas (2)"),
     ({"nodes": 2, "replicas": 2, "replica_restarts": -1}, "replica_restarts", "0 (never restart) to 100"),
     ({"nodes": 2, "replicas": 2, "router_policy": "fastest"}, "router_policy", "round_robin"),

@@ -70,6 +70,7 @@ def test_modes_and_the_all_reduce_rule():
     assert not preflight.wants_allreduce(spec, 1)
     assert not preflight.wants_allreduce(ServeSpec("org/m", nodes=2, gpus_per_node=0, preflight="quick"), 2)
     assert not preflight.wants_allreduce(ServeSpec("org/m", nodes=2, gpus_per_node=0, replicas=2), 2)
+    assert preflight.wants_allreduce(ServeSpec("org/m", nodes=4, gpus_per_node=0, replicas=2), 4)  # 2 nodes each
 
 
 # ---------------------------------------------------------------- the exchange between nodes

@@ -53,8 +53,9 @@ if mode == "fail":
     print("Traceback (most recent call last):", flush=True)
     print("ValueError: The checkpoint has model type `bogus` but Transformers does not know it", flush=True)
     sys.exit(3)
-if mode == "crash-later":
-    pass
+if "--headless" in argv:  # a replica's other node: no API, it runs until stopped (or crashes)
+    time.sleep(1.5 if mode == "crash-later" else 300)
+    sys.exit(7)
 host = argv[argv.index("--host") + 1]
 port = int(argv[argv.index("--port") + 1])
 key = os.environ.get("VLLM_API_KEY")
