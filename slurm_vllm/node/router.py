@@ -201,10 +201,22 @@ class RouterSupervisor:
         return 0
 
     def _steer(self, admin: RouterAdmin, records: Sequence[ReplicaRecord | None]) -> set[int]:
-        """Add the replicas that answer, take out those that do not; the indices now routed."""
+        """Add the replicas that answer, take out those that do not; the indices now routed.
+
+        A worker the job never added is taken out at once: only a process on this node can
+        have registered it, through the router's loopback port (it checks no key), and it would
+        receive the users' prompts and keys. The front and ``exclusive`` nodes are the defence;
+        this bounds what a neighbour on a shared node gets to one poll and names it in the log.
+        """
         actual = admin.workers()
         if actual is None:
             return set()
+        ours = {worker_url(rec.url) for rec in records if rec is not None and rec.url}
+        for stranger in sorted(actual - ours):
+            if admin.remove(stranger):
+                self.ctx.log(f"WARNING: took {stranger} out of the router: the job never added it (a process on "
+                             f"{self.ctx.topology.hostname} registered it through the router's loopback port)")
+                actual.discard(stranger)
         routed = set()
         for rec in records:
             if rec is None or not rec.url:

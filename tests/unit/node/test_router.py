@@ -112,6 +112,18 @@ def test_answering_replicas_are_added_and_silent_ones_taken_out(tmp_path: Path, 
     assert sup._steer(_Down(), [rec(0)]) == set()  # type: ignore[arg-type]
 
 
+def test_a_worker_the_job_never_added_is_taken_out_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = make_ctx(tmp_path, rank=0)
+    logged: list[str] = []
+    ctx.log = logged.append
+    monkeypatch.setattr(router, "healthy", lambda url: True)
+    admin = FakeAdmin({"http://10.0.0.1:8000", "http://10.9.9.9:1"})  # a neighbour's, through loopback
+    sup = RouterSupervisor(ctx, start=lambda *a: None)  # type: ignore[arg-type,return-value]
+    assert sup._steer(admin, [rec(0)]) == {0}  # type: ignore[arg-type]
+    assert admin.calls == [("remove", "http://10.9.9.9:1")] and admin.urls == {"http://10.0.0.1:8000"}
+    assert any("took http://10.9.9.9:1 out of the router: the job never added it" in line for line in logged)
+
+
 class _Down:
     def workers(self) -> None:
         return None
