@@ -109,6 +109,27 @@ def test_strangers_on_another_node_are_refused(served: tuple[Any, str]) -> None:
     assert seen["router"] == "000", f"the router answered from {other}: {out}"  # loopback only
 
 
+def test_a_worker_registered_through_the_routers_loopback_port_is_taken_out(served: tuple[Any, str]) -> None:
+    """A neighbour on the router's node registers a worker of its own (here: replica 0 again,
+    under its host name): rank 0 takes it out within a poll and names it in its log."""
+    import json
+
+    job, job_id = served
+    st = _ready(job)
+    router = job.jobdir.read_state().router_address
+    host, port = st.replicas[0]["nodes"][0], st.replicas[0]["url"].rsplit(":", 1)[1].split("/")[0]
+    intruder = f"http://{host}:{port}"
+    script = (f'curl -s -m 60 -o /dev/null -w "added %{{http_code}}\n" -X POST "http://{router}/add_worker?url={intruder}"; '
+              f'sleep 4; curl -s -m 5 "http://{router}/list_workers"')
+    out = subprocess.run(["srun", f"--jobid={job_id}", "--overlap", "-N1", "-n1", "-w", host, "bash", "-c", script],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    added, listed = out.split("\n", 1)
+    assert added == "added 200", out  # the router takes it: it checks no key
+    assert intruder not in json.loads(listed)["urls"], out
+    log = job.jobdir.node_log(0).read_text()
+    assert f"took {intruder} out of the router: the job never added it" in log
+
+
 def test_killed_replica_restarts_while_the_others_serve(served: tuple[Any, str], lab: Lab) -> None:
     job, job_id = served
     st = _ready(job)
