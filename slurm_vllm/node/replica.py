@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from slurm_vllm.jobdir import HeadlessPhase, HeadlessRecord, ReplicaPhase, ReplicaRecord
 from slurm_vllm.node import serve
 from slurm_vllm.node.context import NodeContext
-from slurm_vllm.node.lifecycle import TIME_LIMIT, OwnedProcess, slurm_kill_wait, stop
+from slurm_vllm.node.lifecycle import OwnedProcess, slurm_kill_wait, stop
 from slurm_vllm.vllm_args import SCALE_OUT_FLAG, installed_vllm, vllm_executable
 
 #: Seconds before the first restart; doubled per restart, at most BACKOFF_MAX.
@@ -142,40 +142,20 @@ def serve_replica(ctx: NodeContext) -> None:
             report("restarting" if report.restarts else "starting", reason=reason, master=master)
         started = time.monotonic()
         proc = serve.launch(argv, env, log_path)
+
+        def ready(_model: str, started: float = started) -> None:
+            report("ready", master=master)
+            ctx.log(f"replica {where.index} ready at {base}/v1 after {time.monotonic() - started:.0f} s"
+                    + (f" (restart {report.restarts})" if report.restarts else ""))
+
         try:
-            outcome = serve.wait_ready(proc, base, key, ctx.stop_event, float(ctx.spec.serve.ready_timeout),
-                                       peer=peer)
-            during = "while loading the model"
-            if outcome.kind == "ready":
-                report("ready", master=master)
-                ctx.log(f"replica {where.index} ready at {base}/v1 after {time.monotonic() - started:.0f} s"
-                        + (f" (restart {report.restarts})" if report.restarts else ""))
-                outcome = serve.supervise(proc, ctx.stop_event, peer=peer)
-                during = "while serving"
-            if outcome.kind == "exited" and ctx.stopper.signalled_soon():
-                outcome = serve.Outcome("stopped")  # scancel reached vLLM a moment first
+            outcome, during = serve.watch_launch(ctx, proc, base, key, ready, peer=peer)
             if outcome.kind == "stopped":
-                if during == "while serving" and ctx.stop_reason == TIME_LIMIT:
-                    budget = serve.drain_budget(ctx.spec.resources.signal_grace)
-                    ctx.log(f"replica {where.index}: time-limit warning: draining in-flight requests "
-                            f"(up to {budget:.0f} s)")
-                    serve.drain_then_stop(proc, base, key, budget)
-                else:
-                    stop(proc, grace)
+                serve.stop_for(ctx, proc, base, key, during, grace)
                 report("ended", reason=ctx.stop_reason or "stopped")
                 return
-            if outcome.kind == "timeout":
-                stop(proc, serve.STOP_GRACE)
-                reason = f"vllm was not ready after {ctx.spec.serve.ready_timeout:.0f} s"
-            elif outcome.kind == "peer":
-                stop(proc, 5.0)
-                reason = f"{outcome.reason} {during}"
-            else:
-                stop(proc, 5.0)
-                reason = serve.exit_reason(outcome.returncode, during)
-                summary = serve.error_summary(serve.log_tail(log_path, serve.SUMMARY_LINES))
-                reason += f": {summary}" if summary else ""
-            reason = f"replica {where.index} on {ctx.topology.hostname}: {reason}"
+            reason = f"replica {where.index} on {ctx.topology.hostname}: " + serve.failure_reason(
+                ctx, proc, outcome, during, log_path)
         finally:
             if proc.poll() is None:
                 stop(proc, serve.STOP_GRACE)

@@ -350,6 +350,60 @@ def _stop_reason(ctx: NodeContext) -> str:
     return ctx.stop_reason or "stopped"
 
 
+#: When a launch ended, in the words of its reason.
+LOADING = "while loading the model"
+SERVING = "while serving"
+
+
+def watch_launch(ctx: NodeContext, proc: OwnedProcess, base: str, api_key: str | None,
+                 on_ready: Callable[[str], None], peer: PeerCheck | None = None) -> tuple[Outcome, str]:
+    """One launch of vLLM, watched: wait for readiness, call ``on_ready(model)``, then watch it
+    serve. Returns how it ended and when (:data:`LOADING` or :data:`SERVING`).
+
+    scancel signals every process of the step at once: a vLLM that exits a moment before the
+    node program has registered the stop was stopped, not broken (``stopped``).
+    """
+    outcome = wait_ready(proc, base, api_key, ctx.stop_event, _ready_timeout(ctx), peer=peer)
+    during = LOADING
+    if outcome.kind == "ready":
+        on_ready(outcome.model or ctx.spec.model.served_name or ctx.spec.model.name)
+        outcome = supervise(proc, ctx.stop_event, peer=peer)
+        during = SERVING
+    if outcome.kind == "exited" and ctx.stopper.signalled_soon():
+        outcome = Outcome("stopped", returncode=outcome.returncode)
+    return outcome, during
+
+
+def stop_for(ctx: NodeContext, proc: OwnedProcess, base: str, api_key: str | None, during: str,
+             grace: float) -> None:
+    """Stop vLLM on a stop: at the time-limit warning while serving, let the requests in flight
+    finish first (its lead time, :func:`drain_then_stop`); else a graceful stop."""
+    if during == SERVING and ctx.stop_reason == TIME_LIMIT:
+        budget = drain_budget(ctx.spec.resources.signal_grace)
+        print(f"slurm_vllm: time-limit warning: draining in-flight requests (up to {budget:.0f} s)", flush=True)
+        t0 = time.monotonic()
+        drained = drain_then_stop(proc, base, api_key, budget)
+        print(f"slurm_vllm: {'in-flight requests finished' if drained else 'requests still in flight'} "
+              f"after {time.monotonic() - t0:.1f} s; vLLM stopped", flush=True)
+    else:
+        stop(proc, grace)
+
+
+def failure_reason(ctx: NodeContext, proc: OwnedProcess, outcome: Outcome, during: str, log_path: Path) -> str:
+    """Stop what is left of a failed launch and say why: vLLM's own words where it gave some."""
+    if outcome.kind == "peer":
+        stop(proc, 5.0)
+        return f"{outcome.reason} {during}"
+    if outcome.kind == "timeout":
+        stop(proc, STOP_GRACE)
+        reason = f"vllm was not ready after {_ready_timeout(ctx):.0f} s"
+    else:
+        stop(proc, 5.0)  # the leader is gone; its children must not stay
+        reason = exit_reason(outcome.returncode, during)
+    summary = error_summary(log_tail(log_path, SUMMARY_LINES))
+    return f"{reason}: {summary}" if summary else reason
+
+
 def serve_and_watch(
     ctx: NodeContext,
     argv: Sequence[str],
@@ -370,59 +424,37 @@ def serve_and_watch(
     write_state(jobdir, run, Phase.LOADING_MODEL, reason="", log_tail="")
     started = time.monotonic()
     grace = stop_grace(slurm_kill_wait())
-    drain = drain_budget(ctx.spec.resources.signal_grace)
     proc = launch(argv, env, log_path)
     timeline.record(jobdir, run, timeline.VLLM_STARTED, log=ctx.log)
     base = f"http://{ip}:{port}"
+
+    def publish(model: str) -> None:
+        timeline.record(jobdir, run, timeline.ENGINE_READY, log=ctx.log)
+        first_completion(jobdir, run, base, api_key, model, stop_event=ctx.stop_event,
+                         alive=lambda: proc.poll() is None, log=ctx.log)
+        write_endpoint(jobdir, run, ip=ip, port=port, model=model, host=ctx.head_host)
+        write_state(jobdir, run, Phase.READY, load_seconds=round(time.monotonic() - started, 1))
+        print(f"slurm_vllm: vLLM ready at {base}/v1 after {time.monotonic() - started:.0f} s", flush=True)
+
     try:
-        outcome = wait_ready(proc, base, api_key, ctx.stop_event, _ready_timeout(ctx))
-        if outcome.kind == "ready":
-            model = outcome.model or ctx.spec.model.served_name or ctx.spec.model.name
-            timeline.record(jobdir, run, timeline.ENGINE_READY, log=ctx.log)
-            first_completion(jobdir, run, base, api_key, model, stop_event=ctx.stop_event,
-                             alive=lambda: proc.poll() is None, log=ctx.log)
-            write_endpoint(jobdir, run, ip=ip, port=port, model=model, host=ctx.head_host)
-            write_state(jobdir, run, Phase.READY, load_seconds=round(time.monotonic() - started, 1))
-            print(f"slurm_vllm: vLLM ready at {base}/v1 after {time.monotonic() - started:.0f} s", flush=True)
-            outcome = supervise(proc, ctx.stop_event)
-            during = "while serving"
-        else:
-            during = "while loading the model"
-        if outcome.kind == "exited" and ctx.stopper.signalled_soon():
-            # scancel signals every process of the step at once: vLLM may exit a moment before
-            # the node program has registered the stop. That is a stop, not a failure.
-            outcome = Outcome("stopped", returncode=outcome.returncode)
+        outcome, during = watch_launch(ctx, proc, base, api_key, publish)
         if outcome.kind == "stopped":
             # State first: Slurm's KillWait after scancel may be short, and the reason must land.
             if _stop_is_failure(ctx):  # e.g. a node left the Ray cluster
                 write_state(jobdir, run, Phase.FAILED, reason=_stop_reason(ctx), log_tail=log_tail(log_path))
                 stop(proc, grace)
                 return 1
-            if during == "while serving" and _stop_reason(ctx) == TIME_LIMIT:
-                # The warning comes signal_grace seconds early: use them to let the requests in
-                # flight finish (drain_then_stop); the workers stay until the state below is
-                # final. Then ENDED.
-                print(f"slurm_vllm: time-limit warning: draining in-flight requests (up to {drain:.0f} s)",
-                      flush=True)
-                t0 = time.monotonic()
-                drained = drain_then_stop(proc, base, api_key, drain)
-                print(f"slurm_vllm: {'in-flight requests finished' if drained else 'requests still in flight'} "
-                      f"after {time.monotonic() - t0:.1f} s; vLLM stopped", flush=True)
+            # At the time-limit warning the requests in flight finish first, and the other
+            # nodes (which end when the state is final) must stay until they have.
+            draining = during == SERVING and _stop_reason(ctx) == TIME_LIMIT
+            if not draining:
                 write_state(jobdir, run, Phase.ENDED, reason=_stop_reason(ctx))
-                return 0
-            write_state(jobdir, run, Phase.ENDED, reason=_stop_reason(ctx))
-            stop(proc, grace)
+            stop_for(ctx, proc, base, api_key, during, grace)
+            if draining:
+                write_state(jobdir, run, Phase.ENDED, reason=_stop_reason(ctx))
             return 0
-        if outcome.kind == "timeout":
-            stop(proc, STOP_GRACE)
-            reason = f"vllm was not ready after {_ready_timeout(ctx):.0f} s"
-        else:
-            stop(proc, 5.0)  # the leader is gone; its children must not stay
-            reason = exit_reason(outcome.returncode, during)
+        reason = failure_reason(ctx, proc, outcome, during, log_path)
         tail = log_tail(log_path)
-        summary = error_summary(log_tail(log_path, SUMMARY_LINES))
-        if summary:
-            reason = f"{reason}: {summary}"
         write_state(jobdir, run, Phase.FAILED, reason=reason, log_tail=tail, exit_code=outcome.returncode)
         print(f"slurm_vllm: {reason}", file=sys.stderr, flush=True)
         return 1
