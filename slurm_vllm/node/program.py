@@ -35,6 +35,14 @@ from slurm_vllm.timeline import ALLOCATED
 #: Debug aid: keep the per-node Ray temp dir (its logs) after the node program ends.
 ENV_KEEP_TMP = "SLURM_VLLM_KEEP_RAY_TMP"
 
+def serves_api(spec: ServeSpec, rank: int) -> bool:
+    """Whether node ``rank`` serves an API: the head, and with replicas each replica's first node.
+
+    Only these act on the time-limit warning: they drain their vLLM, which needs the other
+    nodes until it has (those end when the state says so)."""
+    return rank == 0 or (spec.replicas > 1 and rank % spec.nodes_per_replica == 0)
+
+
 def load_spec(jobdir: JobDir) -> ServeSpec:
     """spec.json as the login side wrote it (local paths are not re-checked on the node)."""
     if not jobdir.spec.exists():
@@ -182,9 +190,7 @@ class NodeProgram:
             # Name the node as Slurm does, so missing hosts can be reported by name.
             topo = dataclasses.replace(topo, hostname=topo.hosts[topo.rank])
         self.topo = topo
-        # Only the node serving an API acts on the time-limit warning (it drains vLLM, which needs
-        # the other nodes): the head, and with replicas each replica's first node.
-        self.stopper.stop_on_warning = topo.is_head or (spec.replicas > 1 and topo.rank % spec.nodes_per_replica == 0)
+        self.stopper.stop_on_warning = serves_api(spec, topo.rank)
         self.run_id = run = Run(topo.job_id, parse_restart(self.env.get("SLURM_RESTART_COUNT")))
         self.log(f"node program: {topo.describe()}" + (f", attempt {run.restart}" if run.restart else ""))
         if topo.is_head:

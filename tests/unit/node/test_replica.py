@@ -251,3 +251,13 @@ def test_a_headless_part_that_exits_by_itself_is_reported_once_for_its_launch(tm
         assert part.proc is not None and part.attempt == 1  # the restarted launch is joined
     finally:
         part.stop()
+
+
+def test_only_the_nodes_serving_an_api_act_on_the_time_limit_warning() -> None:
+    """They drain their vLLM, which needs the replica's other nodes until it has."""
+    from slurm_vllm.node.program import serves_api
+
+    two_by_two = ServeSpec("org/tiny", nodes=4, replicas=2, gpus_per_node=1)
+    assert [serves_api(two_by_two, r) for r in range(4)] == [True, False, True, False]
+    assert [serves_api(ServeSpec("org/tiny", nodes=3, replicas=3, gpus_per_node=1), r) for r in range(3)] == [True] * 3
+    assert [serves_api(ServeSpec("org/tiny", nodes=2, gpus_per_node=1), r) for r in range(2)] == [True, False]
