@@ -470,6 +470,27 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, poll: float = 0
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def serve_pids(job_id: str, host: str) -> list[int]:
+    """The job's ``vllm serve`` processes on ``host``, lowest pid (the one started first) first."""
+    return sorted(p.pid for p in job_processes(job_id) if p.node == host and " serve " in f" {p.cmdline} ")
+
+
+def kill_then_back(job: Any, pid: int, timeout: float) -> list[str]:
+    """SIGKILL ``pid`` (a replica's vLLM), then wait for the job to show DEGRADED and READY
+    again; every summary seen, in order."""
+    os.kill(pid, 9)
+    seen: list[str] = []
+
+    def back() -> bool:
+        s = job.status()
+        if not seen or seen[-1] != s.summary():
+            seen.append(s.summary())
+        return bool(s.phase.value == "READY" and any(x.startswith("DEGRADED") for x in seen))
+
+    wait_for(back, timeout, "DEGRADED, then READY again", poll=1.0)
+    return seen
+
+
 def read_state(jd: Any) -> dict[str, Any]:
     try:
         return json.loads(jd.state.read_text())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -21,7 +20,16 @@ from typing import Any
 
 import pytest
 
-from tests.lab.lab import Lab, assert_no_processes, job_processes, scancel, wait_for, wait_gone
+from tests.lab.lab import (
+    Lab,
+    assert_no_processes,
+    job_processes,
+    kill_then_back,
+    scancel,
+    serve_pids,
+    wait_for,
+    wait_gone,
+)
 from tests.lab.test_serving import lab_spec, submit
 
 pytestmark = [pytest.mark.lab, pytest.mark.vllm]
@@ -135,7 +143,7 @@ def test_killed_replica_restarts_while_the_others_serve(served: tuple[Any, str],
     st = _ready(job)
     victim = st.replicas[-1]
     host = victim["nodes"][0]
-    vllm = sorted(p.pid for p in job_processes(job_id) if p.node == host and " serve " in f" {p.cmdline} ")
+    vllm = serve_pids(job_id, host)
     assert vllm, f"no vllm serve process of job {job_id} on {host}"
     client = job.openai_client(max_retries=0, timeout=60)
     model = job.endpoint.model
@@ -156,16 +164,7 @@ def test_killed_replica_restarts_while_the_others_serve(served: tuple[Any, str],
     loop = threading.Thread(target=requests_meanwhile, daemon=True)
     loop.start()
     try:
-        os.kill(vllm[0], signal.SIGKILL)
-        seen: list[str] = []
-
-        def back() -> bool:
-            s = job.status()
-            if not seen or seen[-1] != s.summary():
-                seen.append(s.summary())
-            return bool(s.phase.value == "READY" and any(x.startswith("DEGRADED") for x in seen))
-
-        wait_for(back, READY_TIMEOUT, "DEGRADED, then READY again", poll=1.0)
+        seen = kill_then_back(job, vllm[0], READY_TIMEOUT)
     finally:
         done.set()
         loop.join(90)

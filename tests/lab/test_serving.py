@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import time
@@ -28,10 +27,12 @@ from tests.lab.lab import (
     Lab,
     assert_no_processes,
     job_processes,
+    kill_then_back,
     lab_cache_dir,
     read_state,
     sbatch,
     scancel,
+    serve_pids,
     wait_for,
     wait_gone,
 )
@@ -296,19 +297,9 @@ def test_two_replicas_of_two_nodes_each_serve_and_restart_whole(lab: Lab, tmp_pa
         if "one-node" in ANSWERS:
             assert answers == {ANSWERS["one-node"]}, "temperature 0: PP=2 over two nodes differs from one node"
         host = st.replicas[1]["nodes"][1]
-        # That node runs nothing else of vLLM: the part is its ``vllm serve`` (the lowest pid).
-        headless = sorted(p.pid for p in job_processes(job_id) if p.node == host and " serve " in f" {p.cmdline} ")
+        headless = serve_pids(job_id, host)  # that node runs nothing else of vLLM
         assert headless, f"no headless vllm serve of job {job_id} on {host}"
-        os.kill(headless[0], signal.SIGKILL)
-        seen: list[str] = []
-
-        def back() -> bool:
-            s = job.status()
-            if not seen or seen[-1] != s.summary():
-                seen.append(s.summary())
-            return bool(s.phase.value == "READY" and any(x.startswith("DEGRADED") for x in seen))
-
-        wait_for(back, READY_TIMEOUT, "DEGRADED, then READY again", poll=1.0)
+        seen = kill_then_back(job, headless[0], READY_TIMEOUT)
         assert any(x.startswith("DEGRADED 1/2") for x in seen), seen
         final = job.status()
         assert [r["restarts"] for r in final.replicas] == [0, 1], final.replicas
@@ -323,7 +314,6 @@ def test_two_replicas_of_two_nodes_each_serve_and_restart_whole(lab: Lab, tmp_pa
 
 def test_lab_shim_is_inert_unless_enabled(lab: Lab) -> None:
     """The lab venv's CPU Ray shim changes vLLM only when SLURM_VLLM_LAB_CPU_RAY=1."""
-    import os
 
     python = str(lab.python)
     code = ("from vllm.platforms.cpu import CpuPlatform; "
@@ -366,7 +356,6 @@ def test_every_node_passed_the_preflight_with_a_real_cross_node_all_reduce(ray_j
 def test_a_model_missing_on_some_nodes_fails_the_preflight_naming_them(lab: Lab, tmp_path: Path) -> None:
     """The model is on the login side and on the first node only (each lab node has its own
     /tmp/ray): the pre-flight names the other nodes before Ray or vLLM start."""
-    import os
 
     if len(lab.nodes) < 3:
         pytest.skip("needs the lab's 3 nodes")
