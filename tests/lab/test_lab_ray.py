@@ -78,6 +78,6 @@ def test_ray_cluster_spans_three_nodes_with_distinct_ips(lab: Lab, tmp_path: Pat
     assert result.state == "COMPLETED", (result, log[-3000:])
     report = json.loads((tmp_path / "result.json").read_text())
     print(f"Ray cluster of 3 nodes formed {report['formed_s']} s after the batch script started")
-    assert report["ips"] == sorted(lab.node_ips), report
+    assert len(set(report["ips"])) == 3 and set(report["ips"]) <= set(lab.node_ips), report  # 3 of the lab's nodes
     # The Ray step outlived the driver; the job's end must have taken every raylet with it.
     lab.assert_no_job_processes(job)

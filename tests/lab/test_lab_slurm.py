@@ -169,7 +169,7 @@ def test_down_leaves_no_process_of_the_lab(lab: Lab, tmp_path: Path) -> None:
     """
     script = (
         "#!/bin/bash\n"
-        "#SBATCH --nodes=3 --ntasks-per-node=1 --time=5 --output=batch.out\n"
+        f"#SBATCH --nodes={len(lab.nodes)} --ntasks-per-node=1 --time=5 --output=batch.out\n"
         "export RAY_USAGE_STATS_ENABLED=0\n"
         "srun bash -c 'exec \"$0\" start --head --block --disable-usage-stats"
         " --node-ip-address=\"$(hostname -I | cut -d\" \" -f1)\" --port=$((20000 + SLURM_JOB_ID % 5000))"
