@@ -74,11 +74,6 @@ def place_of(ctx: NodeContext) -> Place:
     return place(ctx.rank, ctx.spec.nodes_per_replica, ctx.topology.hosts)
 
 
-def replica_index(ctx: NodeContext) -> int:
-    """This node's replica."""
-    return place_of(ctx).index
-
-
 class Reporter:
     """Writes the replica's record; every write carries the run and the restart count."""
 
@@ -181,6 +176,8 @@ class Headless:
         self.log_path = ctx.jobdir.vllm_log(ctx.run.restart or 0, ctx.rank)
         self.proc: OwnedProcess | None = None
         self.attempt = -1  # the replica's ``restarts`` the running (or last) part was started for
+        # vLLM's grace on a stop, inside Slurm's KillWait: asked of Slurm now, not during a stop.
+        self.grace = serve.stop_grace(slurm_kill_wait())
 
     def report(self, phase: HeadlessPhase, reason: str = "", log_tail: str = "") -> None:
         ctx = self.ctx
@@ -204,28 +201,27 @@ class Headless:
 
     def step(self, rec: ReplicaRecord | None, job_over: bool) -> bool:
         """Follow the replica's record once; False when this node's part is done for good."""
-        wanted = rec is not None and bool(rec.master) and rec.phase not in ("failed", "ended") and not job_over
+        over = job_over or (rec is not None and rec.phase in ("failed", "ended"))
+        wanted = not over and rec is not None and bool(rec.master)  # a launch is under way
         if self.proc is not None:
             rc = self.proc.poll()
             if rc is not None:
-                stop(self.proc, 5.0)  # its leader is gone; its children must not stay
+                # What is left of it is stopped, and the reason said in vLLM's words.
+                reason = serve.failure_reason(self.ctx, self.proc, serve.Outcome("exited", returncode=rc),
+                                              f"on {self.ctx.topology.hostname} (replica {self.where.index}, headless)",
+                                              self.log_path)
                 self.proc = None
                 if not self.ctx.stopper.signalled_soon():
-                    reason = serve.exit_reason(rc, f"on {self.ctx.topology.hostname} (replica {self.where.index}, "
-                                                   "headless)")
-                    summary = serve.error_summary(serve.log_tail(self.log_path, serve.SUMMARY_LINES))
-                    self.report("exited", reason + (f": {summary}" if summary else ""),
-                                serve.log_tail(self.log_path))
+                    self.report("exited", reason, serve.log_tail(self.log_path))
             elif not wanted or (rec is not None and rec.restarts != self.attempt):
-                stop(self.proc, serve.stop_grace(slurm_kill_wait()))  # its first node ended this launch
-                self.proc = None
+                self.stop()  # its first node ended this launch
         if self.proc is None and wanted and rec is not None and rec.restarts > self.attempt:
             self.start(rec)
-        return not job_over and (rec is None or rec.phase not in ("failed", "ended"))
+        return not over
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop(self.proc, serve.stop_grace(slurm_kill_wait()))
+            stop(self.proc, self.grace)
             self.proc = None
 
 
@@ -282,6 +278,6 @@ def serve_logged(ctx: NodeContext) -> None:
             Reporter(ctx, where, "")("failed", reason=reason)
         else:
             part = Headless(ctx, where)
-            part.attempt = max((ctx.jobdir.read_replica(where.index, ctx.run) or ReplicaRecord(
-                job_id=ctx.run.job_id, index=where.index)).restarts, 0)
+            rec = ctx.jobdir.read_replica(where.index, ctx.run)
+            part.attempt = rec.restarts if rec is not None else 0
             part.report("exited", reason)

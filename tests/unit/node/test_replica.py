@@ -70,7 +70,7 @@ def wait_until_ready(ctx: NodeContext, timeout: float = 20) -> None:
 def test_each_node_is_one_replica_and_backoff_doubles_to_a_ceiling(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(replica, "BACKOFF_FIRST", 5.0)
-    assert [replica.replica_index(make_ctx(tmp_path / str(r), rank=r)) for r in range(3)] == [0, 1, 2]
+    assert [replica.place_of(make_ctx(tmp_path / str(r), rank=r)).index for r in range(3)] == [0, 1, 2]
     assert [replica.backoff(n) for n in (1, 2, 3, 4, 5, 9)] == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0]
 
 
